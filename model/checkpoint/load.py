@@ -1,0 +1,87 @@
+"""Filling one rank's model from full tensors: each rank reads only the ranges it owns.
+
+Every parameter is checked before anything is read: a missing tensor, a tensor the model has
+no place for, or a shape that does not fit fails with the tensor's name and both shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tpserve.model.checkpoint.sources import TensorSource
+from tpserve.model.parallel_state import ParallelState
+from tpserve.model.tensor_parallel.sharding import REPLICATED, TensorSharding
+
+
+def _expected_full_shape(local: tuple[int, ...], sharding: TensorSharding, world_size: int) -> tuple[int, ...]:
+    if sharding.dim is None:
+        return local
+    full = list(local)
+    full[sharding.dim] = local[sharding.dim] * world_size
+    return tuple(full)
+
+
+def _shape_fits(stored: tuple[int, ...], expected: tuple[int, ...], sharding: TensorSharding) -> bool:
+    if len(stored) != len(expected):
+        return False
+    for dim, (s, e) in enumerate(zip(stored, expected)):
+        if dim == sharding.dim and sharding.valid is not None:
+            # A vocabulary tensor may be stored unpadded or padded; it must hold the real rows.
+            if s < sharding.valid:
+                return False
+        elif s != e:
+            return False
+    return True
+
+
+def param_shardings(model: nn.Module) -> dict[str, tuple[nn.Parameter, TensorSharding]]:
+    """Every parameter of the model by state-dict name, with how it is cut from the full tensor."""
+    out = {}
+    for module_name, module in model.named_modules():
+        sharding_of = getattr(module, "sharding", None)  # the tensor-parallel layers define it
+        for name, param in module.named_parameters(recurse=False):
+            key = f"{module_name}.{name}" if module_name else name
+            out[key] = (param, sharding_of(name) if sharding_of else REPLICATED)
+    return out
+
+
+def load_weights(model: nn.Module, source: TensorSource, parallel_state: ParallelState) -> None:
+    """Copy this rank's shard of every parameter from `source` (full tensors, Megatron names)."""
+    params = param_shardings(model)
+    stored = set(source.keys())
+    problems = []
+    missing = sorted(set(params) - stored)
+    if missing:
+        problems.append(f"missing tensors: {missing}")
+    unexpected = sorted(stored - set(params))
+    if unexpected:
+        problems.append(f"tensors the model has no parameter for: {unexpected}")
+    for key, (param, sharding) in params.items():
+        if key not in stored:
+            continue
+        expected = _expected_full_shape(tuple(param.shape), sharding, parallel_state.world_size)
+        if not _shape_fits(source.shape(key), expected, sharding):
+            problems.append(f"{key}: stored shape {list(source.shape(key))}, the model needs {list(expected)}")
+    if problems:
+        raise ValueError("weights do not fit the model:\n  " + "\n  ".join(problems))
+
+    for key, (param, sharding) in params.items():
+        param.data.copy_(_read_shard(source, key, param, sharding, parallel_state))
+
+
+def _read_shard(
+    source: TensorSource, key: str, param: torch.Tensor, sharding: TensorSharding, ps: ParallelState
+) -> torch.Tensor:
+    if sharding.dim is None:
+        return source.read(key)
+    dim = sharding.dim
+    parts = []
+    for piece in sharding.pieces(param.shape[dim], ps.rank, ps.world_size):
+        if piece.stop > piece.start:
+            parts.append(source.read(key, dim, piece.start, piece.stop).to(param.dtype))
+        if piece.pad:
+            pad_shape = list(param.shape)
+            pad_shape[dim] = piece.pad
+            parts.append(torch.zeros(pad_shape, dtype=param.dtype))
+    return torch.cat(parts, dim=dim)

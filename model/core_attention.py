@@ -1,0 +1,83 @@
+"""Core attention backends: RoPE, storing K/V in the paged cache, and attention.
+
+The three steps sit together behind one module because a fast backend fuses them (the Triton
+backend rotates q and k in place on the fused QKV output, then stores and attends). The layer
+spec picks the backend class explicitly; nothing here sniffs the environment.
+
+Input is the fused QKV output of one rank, laid out per query group as Megatron-Core does:
+[t, g, n/g + 2, d] = for each group, its n/g query heads, then its key head, then its value head.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import torch
+from torch import nn
+
+from tpserve.kernels.attention import paged_attention_reference, varlen_attention_reference
+from tpserve.kernels.kv_cache import store_kv_reference
+from tpserve.kernels.rope import rope_reference
+from tpserve.model.config import TransformerConfig
+from tpserve.model.inference_params import InferenceParams
+from tpserve.model.packed_seq_params import PackedSeqParams
+from tpserve.model.rotary import RotaryEmbedding
+
+
+class AttentionBackend(enum.Enum):
+    TORCH = "torch"  # the kernels' torch references; what the CPU runs
+    TRITON = "triton"  # the Triton kernels; the default on CUDA
+
+    @classmethod
+    def default_for(cls, device: torch.device | str) -> "AttentionBackend":
+        return cls.TRITON if torch.device(device).type == "cuda" else cls.TORCH
+
+
+class TorchDotProductAttention(nn.Module):
+    def __init__(self, config: TransformerConfig, layer_number: int) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_number = layer_number
+        self.softmax_scale = config.kv_channels**-0.5
+        self.window_left = config.window_size[0] if config.window_size else None
+        self.kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        self.kv_cache = (k_cache, v_cache)
+
+    def forward(
+        self,
+        qkv: torch.Tensor,  # [t, g, n/g + 2, d]
+        position_ids: torch.Tensor,  # [t]
+        rotary: RotaryEmbedding | None,
+        packed_seq_params: PackedSeqParams,
+        inference_params: InferenceParams | None,
+    ) -> torch.Tensor:
+        t, g, _, d = qkv.shape
+        heads_per_group = qkv.shape[2] - 2
+        query = qkv[:, :, :heads_per_group].reshape(t, g * heads_per_group, d)  # [t, n, d]
+        key = qkv[:, :, heads_per_group]  # [t, g, d]
+        value = qkv[:, :, heads_per_group + 1]  # [t, g, d]
+        if rotary is not None:
+            query, key = rope_reference(
+                query, key, position_ids, rotary.cos_cache, rotary.sin_cache, self.config.rotary_interleaved
+            )
+        if inference_params is None:
+            # A whole-sequence forward: every sequence attends to its own new tokens only.
+            return varlen_attention_reference(
+                query, key, value, packed_seq_params.cu_seqlens_q, self.softmax_scale, self.window_left
+            )
+        if self.kv_cache is None:
+            raise RuntimeError("inference_params were given but no KV cache is bound; call GPTModel.bind_kv_cache")
+        k_cache, v_cache = self.kv_cache
+        store_kv_reference(key, value, k_cache, v_cache, inference_params.slot_mapping)
+        return paged_attention_reference(
+            query,
+            k_cache,
+            v_cache,
+            packed_seq_params.cu_seqlens_q,
+            inference_params.context_lens,
+            inference_params.block_tables,
+            self.softmax_scale,
+            self.window_left,
+        )
