@@ -7,6 +7,7 @@ layers that communicate, so two models (or a test and a model) never share hidde
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch.distributed as dist
 
@@ -26,7 +27,11 @@ class ParallelState:
 
 
 def initialize_model_parallel(
-    rank: int, world_size: int, init_method: str, backend: str = "gloo"
+    rank: int,
+    world_size: int,
+    init_method: str,
+    backend: str = "gloo",
+    timeout: timedelta = timedelta(minutes=5),
 ) -> ParallelState:
     """Join this process to a tensor-parallel group of `world_size` ranks.
 
@@ -35,5 +40,6 @@ def initialize_model_parallel(
     """
     if world_size == 1:
         return ParallelState()
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size)
+    # The timeout bounds how long a rank waits in a collective for a peer that died.
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size, timeout=timeout)
     return ParallelState(rank=rank, world_size=world_size, group=dist.group.WORLD)

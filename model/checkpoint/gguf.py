@@ -170,7 +170,7 @@ def _llama_names(path: pathlib.Path, tensors: dict, config: dict) -> dict[str, s
     if unexpected:
         raise ValueError(
             f"{path}: tensor {unexpected[0]!r} is not part of a plain Llama "
-            f"({len(unexpected)} such tensors: {unexpected[:5]})"
+            f"(unexpected: {unexpected[:5]}, {len(unexpected)} in all)"
         )
     return names
 

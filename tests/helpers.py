@@ -1,0 +1,153 @@
+"""Shared test helpers: small random Hugging Face models, and a paged-cache stepper."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+
+from tpserve.model.builder import GPTModelBuilder, GPTModelConfig
+from tpserve.model.checkpoint.hf import gpt_config_from_hf, megatron_state_dict_from_hf
+from tpserve.model.checkpoint.load import load_weights
+from tpserve.model.checkpoint.sources import DictSource
+from tpserve.model.gpt_model import GPTModel
+from tpserve.model.inference_params import InferenceParams
+from tpserve.model.kv_cache import KVCache
+from tpserve.model.packed_seq_params import PackedSeqParams
+from tpserve.model.parallel_state import ParallelState
+
+# A large init std makes logits peaked (std ~1.5), so a wrong weight shows, and greedy picks are stable.
+INIT_STD = 0.2
+
+HF_CASES = {
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=301, n_embd=64, n_layer=2, n_head=4, n_positions=128
+    ),
+    "gpt2_untied": lambda: transformers.GPT2Config(
+        vocab_size=301, n_embd=64, n_layer=2, n_head=4, n_positions=128, tie_word_embeddings=False
+    ),
+    "llama_gqa": lambda: transformers.LlamaConfig(
+        vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=False,
+    ),
+    "llama_mha_tied": lambda: transformers.LlamaConfig(
+        vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, tie_word_embeddings=True,
+    ),
+    "llama_linear_rope": lambda: transformers.LlamaConfig(
+        vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
+    # Partial rotary (rotary_percent 0.25), LayerNorm with bias, qkv bias.
+    "stablelm_partial_rotary": lambda: transformers.StableLmConfig(
+        vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, use_qkv_bias=True,
+    ),
+    "qwen2_qkv_bias": lambda: transformers.Qwen2Config(
+        vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128,
+    ),
+    "mistral_sliding_window": lambda: transformers.MistralConfig(
+        vocab_size=301, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=5,
+    ),
+}
+
+_MODEL_CLASSES = {
+    "gpt2": transformers.GPT2LMHeadModel,
+    "llama": transformers.LlamaForCausalLM,
+    "stablelm": transformers.StableLmForCausalLM,
+    "qwen2": transformers.Qwen2ForCausalLM,
+    "mistral": transformers.MistralForCausalLM,
+}
+
+
+def random_hf_model(case: str, seed: int = 0):
+    """A small Hugging Face model with random weights (biases and norms random too), fp32, eager."""
+    hf_config = HF_CASES[case]()
+    hf_config.initializer_range = INIT_STD
+    hf_config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = _MODEL_CLASSES[hf_config.model_type](hf_config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            # Default init puts norms at 1 and biases at 0; a loader that dropped them would pass.
+            if "norm" in name or "ln_" in name or name.endswith("bias"):
+                p.copy_(p + 0.1 * torch.randn_like(p))
+    return model
+
+
+def converted(hf_model) -> tuple[GPTModelConfig, dict[str, torch.Tensor]]:
+    """Our config and Megatron-named full tensors for a Hugging Face model; logits gathered."""
+    config = gpt_config_from_hf(hf_model.config)
+    config.parallel_output = False
+    return config, megatron_state_dict_from_hf(hf_model.state_dict(), config)
+
+
+def build(config: GPTModelConfig, state: dict[str, torch.Tensor], ps: ParallelState = ParallelState()) -> GPTModel:
+    model = GPTModelBuilder(config.with_tensor_parallel_size(ps.world_size)).build_model(ps)
+    load_weights(model, DictSource(state), ps)
+    return model
+
+
+@torch.no_grad()
+def hf_logits(hf_model, token_ids: list[int]) -> torch.Tensor:
+    """[s, V] logits of one sequence, every position."""
+    return hf_model(torch.tensor([token_ids])).logits[0]
+
+
+class PagedStepper:
+    """Runs steps of packed sequences through the paged KV cache, as an engine would.
+
+    Blocks are handed out in a shuffled order, so a sequence's blocks are scattered through
+    the cache and a wrong block-table lookup shows.
+    """
+
+    def __init__(
+        self, model: GPTModel, num_blocks: int = 96, block_size: int = 4, seed: int = 0, max_num_tokens: int = 512
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        cache = KVCache(model.config, num_blocks, block_size, dtype=model.config.params_dtype)
+        model.bind_kv_cache(cache)
+        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.tables: dict[object, list[int]] = {}
+        self.lens: dict[object, int] = {}
+        self.params = InferenceParams(
+            max_num_seqs=16, max_num_tokens=max_num_tokens, max_blocks_per_seq=num_blocks, block_size=block_size
+        )
+
+    @torch.no_grad()
+    def step(self, batch: list[tuple[object, list[int]]]) -> list[torch.Tensor]:
+        """Feed each (sequence key, new token ids); the logits [new tokens, V] of each."""
+        query_lens, context_lens, tables, ids = [], [], [], []
+        for key, tokens in batch:
+            ctx = self.lens.get(key, 0) + len(tokens)
+            table = self.tables.setdefault(key, [])
+            while len(table) * self.block_size < ctx:
+                table.append(self.free.pop())
+            self.lens[key] = ctx
+            query_lens.append(len(tokens))
+            context_lens.append(ctx)
+            tables.append(table)
+            ids.extend(tokens)
+        positions = self.params.prepare(query_lens, context_lens, tables)
+        logits = self.model(
+            torch.tensor(ids), positions, inference_params=self.params,
+            packed_seq_params=PackedSeqParams.from_lengths(query_lens),
+        )
+        return list(logits.split(query_lens))
+
+
+def greedy_decode(model: GPTModel, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:
+    """Greedy tokens for every prompt, all in one batch: one packed prefill, then decode steps
+    (end-of-sequence does not stop). Also the logits of each prompt's last token."""
+    stepper = PagedStepper(model, num_blocks=sum(-(-(len(p) + steps) // 16) for p in prompts),
+                           block_size=16, max_num_tokens=sum(map(len, prompts)))
+    logits = stepper.step(list(enumerate(prompts)))
+    first = torch.stack([row[-1] for row in logits])  # [b, V]
+    out = [[int(t)] for t in first.argmax(-1)]
+    for _ in range(steps - 1):
+        logits = stepper.step([(i, [toks[-1]]) for i, toks in enumerate(out)])
+        for toks, row in zip(out, logits):
+            toks.append(int(row[-1].argmax()))
+    return out, first
