@@ -29,11 +29,15 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/tpserve serve
 
+# Kernel tests run in their own pytest process: TRITON_INTERPRET=1 must be set before Triton
+# is imported, and every other test runs the torch backend.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/kernels
+	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
 
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" tests --ignore=tests/kernels
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests/kernels
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache
