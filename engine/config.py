@@ -1,0 +1,46 @@
+"""`EngineConfig`: how a model is served (the model itself is described by its checkpoint)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class EngineConfig:
+    checkpoint: Path
+    tensor_parallel_size: int = 1
+    # Most sequences in one step (the decode batch).
+    max_num_seqs: int = 256
+    # Token budget of one step: decode tokens first, then prefill chunks up to it.
+    max_num_batched_tokens: int = 2048
+    # Longest prompt + output served; None: the model's seq_length.
+    max_model_len: int | None = None
+    block_size: int = 16
+    # Bytes of KV cache per rank. None: measured (GPU: gpu_memory_utilization of the card,
+    # less weights and activations; CPU: a quarter of the available memory, at most 4 GiB).
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    # "cuda" or "cpu"; None: cuda when available.
+    device: str | None = None
+    # None: bfloat16 on GPU, float32 on CPU.
+    dtype: torch.dtype | None = None
+    # Seconds a step may take before the workers are presumed hung and killed.
+    step_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        self.checkpoint = Path(self.checkpoint)
+        if self.device is None:
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.dtype is None:
+            self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
+            raise ValueError(f"kv_cache_memory={self.kv_cache_memory} must be a positive number of bytes")

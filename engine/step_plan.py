@@ -1,0 +1,94 @@
+"""`StepPlan`: the one message that crosses from the scheduler to the workers, once per step.
+
+Incremental, as in vLLM v1: a sequence is sent in full once (tokens, blocks, sampling
+settings), then only as deltas: the tokens sampled since, the blocks added. Workers keep the
+rest. It travels as bytes: a small JSON header for new sequences and flat int32 arrays for
+the per-step part, so a decode step costs a few ints per sequence (never a pickled object).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from array import array
+from dataclasses import dataclass, field
+
+from tpserve.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class NewSequence:
+    seq_id: int
+    token_ids: list[int]  # every token known: the prompt, then any output made before a preemption
+    num_prompt_tokens: int
+    params: SamplingParams
+    seed: int
+    sample_index: int
+
+
+@dataclass
+class StepPlan:
+    new_sequences: list[NewSequence] = field(default_factory=list)
+    # Sequences the workers forget (finished, aborted, preempted) before this step.
+    dropped_seq_ids: list[int] = field(default_factory=list)
+    # (source, destination) KV block copies to make before this step (copy on write).
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Per scheduled sequence, in batch order:
+    seq_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: list[int] = field(default_factory=list)  # position of its first new token
+    num_scheduled_tokens: list[int] = field(default_factory=list)
+    # Tokens of 0, 1 or n samples to draw from the sequence's last row (n when a request forks).
+    num_samples: list[int] = field(default_factory=list)
+    # Deltas: tokens appended since the last plan, and blocks added to its table.
+    appended_tokens: list[list[int]] = field(default_factory=list)
+    appended_blocks: list[list[int]] = field(default_factory=list)
+
+    def encode(self) -> bytes:
+        header = json.dumps(
+            [
+                [s.seq_id, s.token_ids, s.num_prompt_tokens, dataclasses.asdict(s.params), s.seed, s.sample_index]
+                for s in self.new_sequences
+            ],
+            separators=(",", ":"),
+        ).encode() if self.new_sequences else b""
+        ints = array("i")
+        ints.append(len(self.dropped_seq_ids))
+        ints.extend(self.dropped_seq_ids)
+        ints.append(len(self.block_copies))
+        for src, dst in self.block_copies:
+            ints.extend((src, dst))
+        ints.append(len(self.seq_ids))
+        for i in range(len(self.seq_ids)):
+            ints.extend((self.seq_ids[i], self.num_computed_tokens[i], self.num_scheduled_tokens[i], self.num_samples[i]))
+            ints.append(len(self.appended_tokens[i]))
+            ints.extend(self.appended_tokens[i])
+            ints.append(len(self.appended_blocks[i]))
+            ints.extend(self.appended_blocks[i])
+        return struct.pack("<I", len(header)) + header + ints.tobytes()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "StepPlan":
+        (header_len,) = struct.unpack_from("<I", data)
+        plan = cls()
+        if header_len:
+            for seq_id, tokens, num_prompt, params, seed, index in json.loads(data[4 : 4 + header_len]):
+                plan.new_sequences.append(NewSequence(seq_id, tokens, num_prompt, SamplingParams(**params), seed, index))
+        ints = array("i")
+        ints.frombytes(data[4 + header_len :])
+        it = iter(ints)
+
+        def take(n: int) -> list[int]:
+            return [next(it) for _ in range(n)]
+
+        plan.dropped_seq_ids = take(next(it))
+        plan.block_copies = [tuple(take(2)) for _ in range(next(it))]
+        for _ in range(next(it)):
+            seq_id, computed, scheduled, samples = take(4)
+            plan.seq_ids.append(seq_id)
+            plan.num_computed_tokens.append(computed)
+            plan.num_scheduled_tokens.append(scheduled)
+            plan.num_samples.append(samples)
+            plan.appended_tokens.append(take(next(it)))
+            plan.appended_blocks.append(take(next(it)))
+        return plan
