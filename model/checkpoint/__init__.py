@@ -1,0 +1,19 @@
+"""tpserve checkpoints: the format, loading a rank's shard, and converters into it.
+
+    save_checkpoint(DIR, config, full_state, tokenizer_dir=..., dtype=torch.bfloat16)
+    info = read_checkpoint_info(DIR)          # config, dtype, bos/eos ids, chat template
+    model = load_model(DIR, parallel_state)   # this rank's GPTModel, only its slices read
+"""
+
+from tpserve.model.checkpoint.format import CheckpointError, CheckpointInfo, TokenizerInfo, read_checkpoint_info
+from tpserve.model.checkpoint.loader import load_model
+from tpserve.model.checkpoint.writer import save_checkpoint
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointInfo",
+    "TokenizerInfo",
+    "load_model",
+    "read_checkpoint_info",
+    "save_checkpoint",
+]

@@ -46,8 +46,8 @@ def param_shardings(model: nn.Module) -> dict[str, tuple[nn.Parameter, TensorSha
     return out
 
 
-def load_weights(model: nn.Module, source: TensorSource, parallel_state: ParallelState) -> None:
-    """Copy this rank's shard of every parameter from `source` (full tensors, Megatron names)."""
+def check_weights(model: nn.Module, source: TensorSource, parallel_state: ParallelState) -> None:
+    """Fail, naming every tensor at fault, unless `source` holds exactly what `model` needs."""
     params = param_shardings(model)
     stored = set(source.keys())
     problems = []
@@ -66,22 +66,32 @@ def load_weights(model: nn.Module, source: TensorSource, parallel_state: Paralle
     if problems:
         raise ValueError("weights do not fit the model:\n  " + "\n  ".join(problems))
 
-    for key, (param, sharding) in params.items():
-        param.data.copy_(_read_shard(source, key, param, sharding, parallel_state))
+
+def load_weights(model: nn.Module, source: TensorSource, parallel_state: ParallelState) -> None:
+    """Copy this rank's shard of every parameter from `source` (full tensors, Megatron names)."""
+    check_weights(model, source, parallel_state)
+    for key, (param, sharding) in param_shardings(model).items():
+        load_parameter(source, key, param, sharding, parallel_state)
 
 
-def _read_shard(
+@torch.no_grad()
+def load_parameter(
     source: TensorSource, key: str, param: torch.Tensor, sharding: TensorSharding, ps: ParallelState
-) -> torch.Tensor:
+) -> None:
+    """Fill `param` (this rank's shard) from the full tensor `key`, reading only the owned ranges.
+
+    Each range is copied straight into its place in the parameter, so at most one range is held
+    in memory besides the parameter itself (no concatenated copy of the whole shard).
+    """
     if sharding.dim is None:
-        return source.read(key)
+        param.copy_(source.read(key))
+        return
     dim = sharding.dim
-    parts = []
+    offset = 0
     for piece in sharding.pieces(param.shape[dim], ps.rank, ps.world_size):
-        if piece.stop > piece.start:
-            parts.append(source.read(key, dim, piece.start, piece.stop).to(param.dtype))
+        rows = piece.stop - piece.start
+        if rows > 0:
+            param.narrow(dim, offset, rows).copy_(source.read(key, dim, piece.start, piece.stop))
         if piece.pad:
-            pad_shape = list(param.shape)
-            pad_shape[dim] = piece.pad
-            parts.append(torch.zeros(pad_shape, dtype=param.dtype))
-    return torch.cat(parts, dim=dim)
+            param.narrow(dim, offset + rows, piece.pad).zero_()
+        offset += rows + piece.pad

@@ -1,0 +1,78 @@
+"""`load_model`: one rank's GPTModel from a tpserve checkpoint, reading only that rank's slices."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from tpserve.model.builder import GPTModelBuilder, GPTModelConfig
+from tpserve.model.checkpoint.format import CheckpointError, read_checkpoint_info
+from tpserve.model.checkpoint.load import check_weights, load_parameter, param_shardings
+from tpserve.model.checkpoint.safetensors_source import SafetensorsSource
+from tpserve.model.core_attention import AttentionBackend
+from tpserve.model.gpt_model import GPTModel
+from tpserve.model.parallel_state import ParallelState
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """float32 on the CPU (bf16 matmuls are slow there), bfloat16 on GPUs."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def valid_tp_sizes(config: GPTModelConfig, limit: int = 64) -> list[int]:
+    t = config.transformer
+    return [
+        tp for tp in range(1, limit + 1)
+        if t.num_attention_heads % tp == 0 and t.num_query_groups % tp == 0 and t.ffn_hidden_size % tp == 0
+    ]
+
+
+def serving_config(
+    config: GPTModelConfig, tp: int, dtype: torch.dtype, parallel_output: bool, where: Path | str = "checkpoint"
+) -> GPTModelConfig:
+    """The stored config set up for serving at `tp` ranks in `dtype`; a TP that does not divide
+    the heads fails with the sizes that would."""
+    transformer = dataclasses.replace(config.transformer, params_dtype=dtype)
+    config = dataclasses.replace(config, transformer=transformer, parallel_output=parallel_output)
+    try:
+        return config.with_tensor_parallel_size(tp)
+    except ValueError as e:
+        raise CheckpointError(
+            f"{where}: cannot load at tensor_model_parallel_size={tp}: {e} "
+            f"(sizes that work for this model: {valid_tp_sizes(config)})"
+        ) from None
+
+
+def load_model(
+    path: str | Path,
+    parallel_state: ParallelState = ParallelState(),
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    attention_backend: AttentionBackend | None = None,
+    parallel_output: bool = False,
+    progress: bool = True,
+) -> GPTModel:
+    """This rank's model, its parameters filled from the checkpoint at `path`.
+
+    dtype None means the device's default (`default_dtype`), whatever the stored dtype; tensors
+    are converted as they are read. parallel_output=False gathers the logits on every rank.
+    """
+    info = read_checkpoint_info(path)
+    dtype = dtype or default_dtype(device)
+    config = serving_config(info.config, parallel_state.world_size, dtype, parallel_output, info.path)
+    source = SafetensorsSource(info.path)  # checks every shard file against the index first
+    model = GPTModelBuilder(config).build_model(parallel_state, device, attention_backend)
+    try:
+        check_weights(model, source, parallel_state)
+    except ValueError as e:
+        raise CheckpointError(f"{info.path}: {e}") from None
+    params = param_shardings(model)
+    show = progress and parallel_state.rank == 0
+    for key, (param, sharding) in tqdm(params.items(), desc=f"loading {info.path.name}", unit="tensor",
+                                       disable=not show, leave=False):
+        load_parameter(source, key, param, sharding, parallel_state)
+    source.close()
+    return model
