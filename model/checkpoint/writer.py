@@ -7,12 +7,13 @@ a byte is written, so a converter bug surfaces here with the tensor named, not a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterator, Mapping
 
 import torch
 from safetensors.torch import save_file
@@ -50,27 +51,39 @@ def save_checkpoint(
     `tokenizer` overrides the facts read from `tokenizer_dir` (bos/eos ids, chat template).
     """
     path = Path(path)
-    if path.exists():
+    if path.exists():  # before the (slow) checks; atomic_folder checks again
         raise FileExistsError(f"{path} already exists; remove it or choose another destination")
     dtype_name(dtype)  # fail early on an unstorable dtype
     state = _checked_state(config, state)
     info = tokenizer or (tokenizer_info(tokenizer_dir) if tokenizer_dir else TokenizerInfo())
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        weight_map, total = _write_shards(tmp, state, dtype, max_shard_bytes)
+    with atomic_folder(path) as tmp:
+        weight_map, total = write_shards(tmp, state, dtype, max_shard_bytes)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         if tokenizer_dir:
             copy_tokenizer(Path(tokenizer_dir), tmp, info.chat_template)
-        # config.json last: a folder with it is a finished checkpoint, even before the rename.
         (tmp / CONFIG_FILE).write_text(json.dumps(config_json(config, dtype, info), indent=2) + "\n")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path`, renamed to `path` if the block finishes, removed if not.
+
+    Beside, not in /tmp: a rename is atomic only within one file system.
+    """
+    path = Path(path)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; remove it or choose another destination")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
         os.replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return path
 
 
 def _checked_state(config: GPTModelConfig, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -91,7 +104,7 @@ def _checked_state(config: GPTModelConfig, state: Mapping[str, torch.Tensor]) ->
     return out
 
 
-def _write_shards(
+def write_shards(
     folder: Path, state: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_bytes: int
 ) -> tuple[dict[str, str], int]:
     """Greedy shards of at most max_shard_bytes (a larger tensor gets a file of its own)."""
