@@ -15,9 +15,14 @@ import enum
 import torch
 from torch import nn
 
-from tpserve.kernels.attention import paged_attention_reference, varlen_attention_reference
-from tpserve.kernels.kv_cache import store_kv_reference
-from tpserve.kernels.rope import rope_reference
+from tpserve.kernels.attention import (
+    paged_attention,
+    paged_attention_reference,
+    varlen_attention,
+    varlen_attention_reference,
+)
+from tpserve.kernels.kv_cache import store_kv, store_kv_reference
+from tpserve.kernels.rope import rope_, rope_reference
 from tpserve.model.config import TransformerConfig
 from tpserve.model.inference_params import InferenceParams
 from tpserve.model.packed_seq_params import PackedSeqParams
@@ -33,7 +38,9 @@ class AttentionBackend(enum.Enum):
         return cls.TRITON if torch.device(device).type == "cuda" else cls.TORCH
 
 
-class TorchDotProductAttention(nn.Module):
+class _CoreAttention(nn.Module):
+    """What the backends share: the softmax scale, the window, and this layer's cache view."""
+
     def __init__(self, config: TransformerConfig, layer_number: int) -> None:
         super().__init__()
         self.config = config
@@ -44,6 +51,10 @@ class TorchDotProductAttention(nn.Module):
 
     def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.kv_cache = (k_cache, v_cache)
+
+
+class TorchDotProductAttention(_CoreAttention):
+    """The kernels' torch references: q and k rotated into copies, attention per sequence."""
 
     def forward(
         self,
@@ -81,3 +92,49 @@ class TorchDotProductAttention(nn.Module):
             self.softmax_scale,
             self.window_left,
         )
+
+
+class TritonDotProductAttention(_CoreAttention):
+    """The Triton kernels: RoPE in place on the fused QKV tensor, then K/V store and attention
+    reading q, k and v through strided views of it, so no head is copied out.
+
+    Launch sizes come from host-side values only (PackedSeqParams.max_seqlen_q,
+    InferenceParams.max_context_len, tensor shapes), so a decode step can be captured in a CUDA
+    graph. Same constructor, `bind_kv_cache` and `forward` as the torch backend.
+    """
+
+    def forward(
+        self,
+        qkv: torch.Tensor,  # [t, g, n/g + 2, d]; its q and k heads are rotated in place
+        position_ids: torch.Tensor,  # [t]
+        rotary: RotaryEmbedding | None,
+        packed_seq_params: PackedSeqParams,
+        inference_params: InferenceParams | None,
+    ) -> torch.Tensor:
+        heads_per_group = qkv.shape[2] - 2
+        if rotary is not None:
+            rope_(qkv, position_ids, rotary.cos_cache, rotary.sin_cache, self.config.rotary_interleaved)
+        query = qkv[:, :, :heads_per_group]  # [t, g, n/g, d] view
+        key = qkv[:, :, heads_per_group]  # [t, g, d] view
+        value = qkv[:, :, heads_per_group + 1]  # [t, g, d] view
+        if inference_params is None:
+            # A whole-sequence forward: every sequence attends to its own new tokens only.
+            return varlen_attention(
+                query, key, value, packed_seq_params.cu_seqlens_q, self.softmax_scale, self.window_left
+            )  # [t, n, d]
+        if self.kv_cache is None:
+            raise RuntimeError("inference_params were given but no KV cache is bound; call GPTModel.bind_kv_cache")
+        k_cache, v_cache = self.kv_cache
+        store_kv(key, value, k_cache, v_cache, inference_params.slot_mapping)
+        return paged_attention(
+            query,
+            k_cache,
+            v_cache,
+            packed_seq_params.cu_seqlens_q,
+            inference_params.context_lens,
+            inference_params.block_tables,
+            self.softmax_scale,
+            self.window_left,
+            max_seqlen_q=packed_seq_params.max_seqlen_q,
+            max_context_len=inference_params.max_context_len,
+        )  # [t, n, d]

@@ -9,20 +9,23 @@ from __future__ import annotations
 
 from tpserve.model.attention import SelfAttention, SelfAttentionSubmodules
 from tpserve.model.config import TransformerConfig
-from tpserve.model.core_attention import AttentionBackend, TorchDotProductAttention
+from tpserve.model.core_attention import AttentionBackend, TorchDotProductAttention, TritonDotProductAttention
 from tpserve.model.mlp import MLP, MLPSubmodules
 from tpserve.model.norm import Norm
 from tpserve.model.spec_utils import ModuleSpec
 from tpserve.model.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from tpserve.model.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-_CORE_ATTENTION = {AttentionBackend.TORCH: TorchDotProductAttention}
+_CORE_ATTENTION = {
+    AttentionBackend.TORCH: TorchDotProductAttention,
+    AttentionBackend.TRITON: TritonDotProductAttention,
+}
 
 
 def local_layer_spec(config: TransformerConfig, attention_backend: AttentionBackend) -> ModuleSpec:
     if attention_backend not in _CORE_ATTENTION:
         raise ValueError(
-            f"attention backend {attention_backend.value!r} is not built yet; "
+            f"attention backend {attention_backend!r} has no core attention class; "
             f"use one of {[b.value for b in _CORE_ATTENTION]}"
         )
     return ModuleSpec(
