@@ -71,6 +71,10 @@ class Sequence:
         self.num_unsent_tokens = 0
         # True until the workers have this sequence (new, or re-sent after a preemption).
         self.needs_full_send = True
+        # What the workers hold of the block table: its length, and its last block (which a
+        # copy on write may replace), so a plan sends only the table's new tail.
+        self.num_sent_blocks = 0
+        self.last_sent_block = -1
         self.logprobs: list[Logprob] = []
         self.cumulative_logprob = 0.0
         self.num_preemptions = 0

@@ -22,6 +22,7 @@ class NewSequence:
     seq_id: int
     token_ids: list[int]  # every token known: the prompt, then any output made before a preemption
     num_prompt_tokens: int
+    block_table: list[int]
     params: SamplingParams
     seed: int
     sample_index: int
@@ -40,14 +41,17 @@ class StepPlan:
     num_scheduled_tokens: list[int] = field(default_factory=list)
     # Tokens of 0, 1 or n samples to draw from the sequence's last row (n when a request forks).
     num_samples: list[int] = field(default_factory=list)
-    # Deltas: tokens appended since the last plan, and blocks added to its table.
+    # Deltas: tokens appended since the last plan, and the block table's new tail from
+    # block_starts[i] on (new blocks; a copy on write also replaces the last block sent).
     appended_tokens: list[list[int]] = field(default_factory=list)
-    appended_blocks: list[list[int]] = field(default_factory=list)
+    block_starts: list[int] = field(default_factory=list)
+    block_tails: list[list[int]] = field(default_factory=list)
 
     def encode(self) -> bytes:
         header = json.dumps(
             [
-                [s.seq_id, s.token_ids, s.num_prompt_tokens, dataclasses.asdict(s.params), s.seed, s.sample_index]
+                [s.seq_id, s.token_ids, s.num_prompt_tokens, s.block_table, dataclasses.asdict(s.params), s.seed,
+                 s.sample_index]
                 for s in self.new_sequences
             ],
             separators=(",", ":"),
@@ -63,8 +67,8 @@ class StepPlan:
             ints.extend((self.seq_ids[i], self.num_computed_tokens[i], self.num_scheduled_tokens[i], self.num_samples[i]))
             ints.append(len(self.appended_tokens[i]))
             ints.extend(self.appended_tokens[i])
-            ints.append(len(self.appended_blocks[i]))
-            ints.extend(self.appended_blocks[i])
+            ints.extend((self.block_starts[i], len(self.block_tails[i])))
+            ints.extend(self.block_tails[i])
         return struct.pack("<I", len(header)) + header + ints.tobytes()
 
     @classmethod
@@ -72,8 +76,12 @@ class StepPlan:
         (header_len,) = struct.unpack_from("<I", data)
         plan = cls()
         if header_len:
-            for seq_id, tokens, num_prompt, params, seed, index in json.loads(data[4 : 4 + header_len]):
-                plan.new_sequences.append(NewSequence(seq_id, tokens, num_prompt, SamplingParams(**params), seed, index))
+            for seq_id, tokens, num_prompt, table, params, seed, index in json.loads(data[4 : 4 + header_len]):
+                if params.get("logit_bias"):  # JSON object keys are strings
+                    params["logit_bias"] = {int(k): v for k, v in params["logit_bias"].items()}
+                plan.new_sequences.append(
+                    NewSequence(seq_id, tokens, num_prompt, table, SamplingParams(**params), seed, index)
+                )
         ints = array("i")
         ints.frombytes(data[4 + header_len :])
         it = iter(ints)
@@ -90,5 +98,6 @@ class StepPlan:
             plan.num_scheduled_tokens.append(scheduled)
             plan.num_samples.append(samples)
             plan.appended_tokens.append(take(next(it)))
-            plan.appended_blocks.append(take(next(it)))
+            plan.block_starts.append(next(it))
+            plan.block_tails.append(take(next(it)))
         return plan

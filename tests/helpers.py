@@ -61,9 +61,11 @@ _MODEL_CLASSES = {
 }
 
 
-def random_hf_model(case: str, seed: int = 0):
+def random_hf_model(case: str, seed: int = 0, **overrides):
     """A small Hugging Face model with random weights (biases and norms random too), fp32, eager."""
     hf_config = HF_CASES[case]()
+    for key, value in overrides.items():
+        setattr(hf_config, key, value)
     hf_config.initializer_range = INIT_STD
     hf_config._attn_implementation = "eager"
     torch.manual_seed(seed)
@@ -151,3 +153,50 @@ def greedy_decode(model: GPTModel, prompts: list[list[int]], steps: int) -> tupl
         for toks, row in zip(out, logits):
             toks.append(int(row[-1].argmax()))
     return out, first
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. ",
+    "def add(a, b):\n    return a + b\n",
+    "Caf\u00e9 na\u00efve r\u00e9sum\u00e9 \u2014 \u4f60\u597d\u4e16\u754c \U0001F600 \U0001F680 ",
+    "Once upon a time there was a small model that served tokens very fast. ",
+]
+
+
+def tiny_tokenizer(folder) -> "transformers.PreTrainedTokenizerFast":
+    """A byte-level BPE tokenizer of ~300 tokens trained here, with ChatML special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    return fast
+
+
+def random_checkpoint(folder, case: str = "llama_gqa", seed: int = 0):
+    """A tpserve checkpoint of a small random Hugging Face model with the tiny tokenizer.
+    Returns (checkpoint path, the Hugging Face model it was made from)."""
+    from pathlib import Path
+
+    from tpserve.model.checkpoint import save_checkpoint
+
+    folder = Path(folder)
+    tokenizer = tiny_tokenizer(folder / "tokenizer")
+    hf_model = random_hf_model(case, seed, vocab_size=len(tokenizer), max_position_embeddings=256)
+    config, state = converted(hf_model)
+    path = save_checkpoint(folder / "checkpoint", config, state, tokenizer_dir=folder / "tokenizer", dtype=torch.float32)
+    return path, hf_model

@@ -1,0 +1,138 @@
+"""`Request`: one client request in the engine: its samples, their text, and when they stop.
+
+The scheduler sees only sequences; this object turns their tokens into text (incremental
+detokenization) and applies the stop conditions in this order, for each new token:
+
+    1. eos (unless ignore_eos) or a stop token id  -> "stop"
+    2. a stop string in the text                   -> "stop", text cut before it (or after it)
+    3. max_tokens, or the model's length reached   -> "length"
+
+min_tokens is enforced by the sampler (eos and stop ids are banned until then); stop
+strings are looked for only once min_tokens are out.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tpserve.engine.detokenizer import IncrementalDetokenizer
+from tpserve.engine.model_runner import Sample
+from tpserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tpserve.engine.sampling_params import SamplingParams
+from tpserve.engine.sequence import FinishReason, Logprob, Sequence
+from tpserve.engine.stop_strings import StopStringMatcher
+
+
+def to_logprob(sample: Sample) -> Logprob:
+    return Logprob(sample.token_id, sample.logprob, dict(sample.top))
+
+
+class Request:
+    def __init__(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        seed: int,
+        tokenizer,
+        eos_token_ids: set[int],
+        max_model_len: int,
+    ) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.metrics = RequestMetrics(arrival_time=time.monotonic())
+        leader = Sequence(request_id, prompt_token_ids, params, seed, 0, self.metrics.arrival_time)
+        self.seqs = [leader] + [leader.fork(i) for i in range(1, params.n)]
+        # Samples 1..n-1 fork from sample 0 once it has computed the prompt.
+        leader.num_pending_forks = params.n - 1
+        self.detokenizers = [
+            IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens) for _ in self.seqs
+        ]
+        self.stop_matchers = [
+            StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
+            for _ in self.seqs
+        ]
+        self.texts = ["" for _ in self.seqs]
+        self.prompt_logprobs: list[Logprob | None] | None = (
+            [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
+        )
+        self.error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return all(seq.is_finished for seq in self.seqs)
+
+    @property
+    def pending_forks(self) -> list[Sequence]:
+        return self.seqs[1:]
+
+    def add_prompt_logprobs(self, entries: list[tuple[int, Sample]]) -> None:
+        for position, sample in entries:
+            self.prompt_logprobs[position] = to_logprob(sample)
+
+    def on_token(self, seq: Sequence, sample: Sample) -> FinishReason | None:
+        """Record a sampled token of `seq`; the reason it must stop, if it must."""
+        if self.metrics.first_token_time is None:
+            self.metrics.first_token_time = time.monotonic()
+        params = self.params
+        seq.append_token(sample.token_id, to_logprob(sample) if params.logprobs is not None else None)
+        i = seq.sample_index
+        delta = self.detokenizers[i].append([sample.token_id])
+        reason = None
+        if sample.token_id in self.eos_token_ids and not params.ignore_eos:
+            reason = FinishReason.STOP
+        elif params.stop_token_ids and sample.token_id in params.stop_token_ids:
+            reason, seq.stop_reason = FinishReason.STOP, sample.token_id
+        at_length = (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or (
+            seq.num_tokens >= self.max_model_len
+        )
+        if reason is not None or at_length:
+            delta += self.detokenizers[i].flush()  # bytes of an unfinished character, as decode shows them
+        matcher, matched = self.stop_matchers[i], None
+        if matcher is not None and seq.num_output_tokens >= params.min_tokens:
+            emitted, matched = matcher.feed(delta)
+            self.texts[i] += emitted
+            if matched is not None and reason is None:
+                reason, seq.stop_reason = FinishReason.STOP, matched
+        else:
+            self.texts[i] += delta
+        if reason is None and at_length:
+            reason = FinishReason.LENGTH
+        if reason is not None and matcher is not None and matched is None:
+            self.texts[i] += matcher.flush()  # no stop string ended it: release what was held back
+        return reason
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.finish_reason = reason
+        if all(s.is_finished or s is seq for s in self.seqs):
+            self.metrics.finished_time = time.monotonic()
+
+    def output(self) -> RequestOutput:
+        params = self.params
+        return RequestOutput(
+            request_id=self.request_id,
+            prompt=self.prompt,
+            prompt_token_ids=self.prompt_token_ids,
+            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
+            outputs=[
+                CompletionOutput(
+                    index=seq.sample_index,
+                    text=self.texts[seq.sample_index],
+                    token_ids=seq.output_token_ids,
+                    cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
+                    logprobs=list(seq.logprobs) if params.logprobs is not None else None,
+                    finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+                    stop_reason=seq.stop_reason,
+                )
+                for seq in self.seqs
+            ],
+            finished=self.finished,
+            num_cached_tokens=self.seqs[0].num_cached_tokens,
+            metrics=self.metrics,
+            error=self.error,
+        )

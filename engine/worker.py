@@ -1,0 +1,129 @@
+"""The worker process: one per tensor-parallel rank. Loads its shard, owns its KV cache, runs steps.
+
+    start ─> join the group ─> load this rank's slices ─> measure memory ─> send READY(num_blocks)
+          <─ INIT_CACHE(num_blocks, the minimum over ranks) ─> allocate the cache ─> send READY
+          <─ STEP(plan bytes) ... (rank 0 answers each with the sampled tokens)
+          <─ SHUTDOWN
+An exception is sent to the executor as text before the process exits.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tpserve.engine.model_runner import ModelRunner
+from tpserve.engine.step_plan import StepPlan
+from tpserve.model.checkpoint import load_model
+from tpserve.model.kv_cache import KVCache
+from tpserve.model.parallel_state import initialize_model_parallel
+
+
+class WorkerCommand(enum.Enum):
+    INIT_CACHE = "init_cache"
+    STEP = "step"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class WorkerConfig:
+    checkpoint: Path
+    world_size: int
+    init_method: str
+    device: str
+    dtype: torch.dtype
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    kv_cache_memory: int | None
+    gpu_memory_utilization: float
+    eos_token_ids: list[int]
+
+
+def _available_cpu_memory() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
+
+
+def kv_cache_bytes(config: WorkerConfig, model: torch.nn.Module, device: torch.device) -> int:
+    """Bytes this rank gives its KV cache: the setting, or what measured free memory allows."""
+    if config.kv_cache_memory is not None:
+        return config.kv_cache_memory
+    if device.type == "cuda":
+        # What the card may hold in all, less what is in use now (weights, the CUDA context),
+        # less the activations of the largest step, measured by running one.
+        torch.cuda.synchronize(device)
+        free, total = torch.cuda.mem_get_info(device)
+        peak_activations = _profile_activations(config, model, device)
+        return int(total * config.gpu_memory_utilization - (total - free) - peak_activations)
+    # Ranks share the host's memory: each takes its part of a quarter of what is available.
+    return min(_available_cpu_memory() // 4 // config.world_size, 4 << 30)
+
+
+def _profile_activations(config: WorkerConfig, model: torch.nn.Module, device: torch.device) -> int:
+    """Peak memory of a forward over max_num_batched_tokens tokens (no cache: a whole prompt)."""
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    tokens = min(config.max_num_batched_tokens, config.max_model_len)
+    with torch.inference_mode():
+        model(torch.zeros(1, tokens, dtype=torch.long, device=device), torch.arange(tokens, device=device)[None])
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def worker_main(rank: int, config: WorkerConfig, conn) -> None:
+    try:
+        _serve(rank, config, conn)
+    except BaseException:
+        try:
+            conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
+        finally:
+            os._exit(1)  # peers may be blocked in a collective; the executor ends them
+
+
+def _serve(rank: int, config: WorkerConfig, conn) -> None:
+    if config.device == "cuda":
+        device = torch.device("cuda", rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        # The host's cores are shared by the ranks (2 // tp on a 2-core machine, at least 1).
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
+        backend = "gloo"
+    ps = initialize_model_parallel(rank, config.world_size, config.init_method, backend)
+    model = load_model(config.checkpoint, ps, device=device, dtype=config.dtype, parallel_output=False)
+    bytes_per_block = KVCache.bytes_per_block(model.config, config.block_size, config.dtype)
+    conn.send(("ready", kv_cache_bytes(config, model, device) // bytes_per_block))
+
+    command, num_blocks = conn.recv()
+    assert command == WorkerCommand.INIT_CACHE, command
+    kv_cache = KVCache(model.config, num_blocks, config.block_size, config.dtype, device)
+    model.bind_kv_cache(kv_cache)
+    runner = ModelRunner(
+        model,
+        kv_cache,
+        config.max_num_seqs,
+        config.max_num_batched_tokens,
+        max_blocks_per_seq=-(-config.max_model_len // config.block_size),
+        eos_token_ids=config.eos_token_ids,
+        is_driver=rank == 0,
+        device=device,
+    )
+    conn.send(("ready", None))
+    while True:
+        command, payload = conn.recv()
+        if command == WorkerCommand.SHUTDOWN:
+            break
+        result = runner.execute(StepPlan.decode(payload))
+        if rank == 0:
+            conn.send(("ok", result))
