@@ -545,6 +545,8 @@ def paged_attention(
     out = _output(out, query)
     if max_seqlen_q < 0 or max_context_len < max_seqlen_q:
         raise ValueError(f"max_seqlen_q={max_seqlen_q} and max_context_len={max_context_len} do not fit together")
+    if max_seqlen_q == 0 and t > 0:
+        raise ValueError(f"max_seqlen_q=0 with {t} query rows; pass the host-side maximum (PackedSeqParams.max_seqlen_q)")
     if b == 0 or t == 0 or max_seqlen_q == 0:
         return out
     use_window, window = _window(window_left)

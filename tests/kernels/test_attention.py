@@ -217,6 +217,32 @@ def test_launcher_refuses_bad_inputs(interpreter):
         paged_attention(q, k_cache, v_cache, cu, ctx_lens, tables, 1.0, out=torch.zeros(3, 8, 8), **kw)
     with pytest.raises(ValueError, match="max_seqlen_q=2 and max_context_len=1 do not fit together"):
         paged_attention(q, k_cache, v_cache, cu, ctx_lens, tables, 1.0, max_seqlen_q=2, max_context_len=1)
+    with pytest.raises(ValueError, match="max_seqlen_q=0 with 3 query rows"):
+        paged_attention(q, k_cache, v_cache, cu, ctx_lens, tables, 1.0, max_seqlen_q=0, max_context_len=5)
     with pytest.raises(ValueError, match="num_splits=0 must be >= 1"):
         paged_attention(q[:2], k_cache, v_cache, torch.tensor([0, 1, 2], dtype=torch.int32), ctx_lens, tables,
                         1.0, max_seqlen_q=1, max_context_len=5, num_splits=0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_batches(target: Target, seed):
+    """Fresh random mixes: GQA, head dim, block size, window and a batch of prefills, prefill
+    chunks and decodes (or decodes only, half the time, with random splits) drawn per seed."""
+    rng = torch.Generator().manual_seed(100 + seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=rng))]
+
+    g, hpg, d = pick([1, 2, 4]), pick([1, 4, 5, 8]), pick([64, 128])
+    block_size, window = pick([1, 4, 16, 32]), pick([None, None, 5, 40])
+    b = int(torch.randint(1, 7, (1,), generator=rng))
+    decode_only = seed % 2 == 1
+    seqs = []
+    for _ in range(b):
+        ctx = int(torch.randint(1, 120, (1,), generator=rng))
+        q_len = 1 if decode_only else int(torch.randint(0, min(ctx, 24) + 1, (1,), generator=rng))
+        seqs.append((q_len, ctx))
+    if not decode_only and max(q for q, _ in seqs) < 2:
+        seqs[0] = (2, max(2, seqs[0][1]))
+    splits = pick([None, 2, 3, 8]) if decode_only else None
+    check_paged(target, seqs, g, hpg, d, block_size, window, as_view=bool(seed % 3), num_splits=splits, seed=seed)
