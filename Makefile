@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 PYTEST_WORKER_THREADS ?=
 
-.PHONY: install serve test test-quick clean
+.PHONY: install prepare-model serve test test-quick clean
 
 $(STAMP): pyproject.toml constraints-cpu.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,7 +26,12 @@ endif
 
 install: $(STAMP)
 
-serve: $(STAMP)
+# The default model (SmolLM2-135M-Instruct) is converted from its GGUF into a tpserve checkpoint
+# under ~/.cache/tpserve once; later runs find it there and return at once.
+prepare-model: $(STAMP)
+	$(PY) -c 'from tpserve.model.checkpoint import prepare_default_model; print(prepare_default_model())'
+
+serve: prepare-model
 	$(VENV)/bin/tpserve serve
 
 # Kernel tests run in their own pytest process: TRITON_INTERPRET=1 must be set before Triton

@@ -5,6 +5,10 @@
     model = load_model(DIR, parallel_state)   # this rank's GPTModel, only its slices read
 """
 
+from tpserve.model.checkpoint.convert_gguf import convert_gguf
+from tpserve.model.checkpoint.convert_hf import convert_hf
+from tpserve.model.checkpoint.default_model import prepare_default_model
+from tpserve.model.checkpoint.export_hf import export_hf
 from tpserve.model.checkpoint.format import CheckpointError, CheckpointInfo, TokenizerInfo, read_checkpoint_info
 from tpserve.model.checkpoint.loader import load_model
 from tpserve.model.checkpoint.writer import save_checkpoint
@@ -13,7 +17,11 @@ __all__ = [
     "CheckpointError",
     "CheckpointInfo",
     "TokenizerInfo",
+    "convert_gguf",
+    "convert_hf",
+    "export_hf",
     "load_model",
+    "prepare_default_model",
     "read_checkpoint_info",
     "save_checkpoint",
 ]
