@@ -237,10 +237,11 @@ def _prefill_kernel(
     kv_end = prefix + tl.minimum(q_len, (q_tile + 1) * BLOCK_Q)
     kv_start = 0
     if USE_WINDOW:
+        # From the window's left edge for the tile's first query; every tile is masked.
         kv_start = tl.maximum(first_pos - window_left, 0) // BLOCK_N * BLOCK_N
-        # Without a window, keys before first_pos are visible to every row: no mask there.
         unmasked_end = kv_start
     else:
+        # Keys before first_pos are visible to every row of the tile: no mask needed there.
         unmasked_end = first_pos // BLOCK_N * BLOCK_N
 
     table_ptr = block_tables_ptr + seq.to(tl.int64) * stride_bt
