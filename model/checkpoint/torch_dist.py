@@ -116,6 +116,7 @@ def read_torch_dist(folder: str | Path, allow_pickle: bool = False) -> tuple[dic
         elif isinstance(meta, BytesStorageMetadata) and key.startswith("common_state") and allow_pickle:
             common_key = key
             state[key] = io.BytesIO()
+    _check_files(folder, metadata, state)
     if not any(_model_key(k) for k in state):
         raise CheckpointError(f"{folder}: no model tensors (embedding.*, decoder.*, output_layer.*) in the checkpoint")
     try:
@@ -135,6 +136,24 @@ def read_torch_dist(folder: str | Path, allow_pickle: bool = False) -> tuple[dic
     elif (folder / "common.pt").is_file() and allow_pickle:  # older Megatron-Core: a file of its own
         common = load_pickle(folder / "common.pt", allow_pickle)
     return {_model_key(k): v for k, v in state.items()}, common
+
+
+def _check_files(folder: Path, metadata: Metadata, wanted: dict) -> None:
+    """Every .distcp byte range the wanted entries need must exist: name the file and tensor if not."""
+    sizes: dict[str, int] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        if index.fqn not in wanted:
+            continue
+        path = folder / info.relative_path
+        if info.relative_path not in sizes:
+            if not path.is_file():
+                raise CheckpointError(f"{path} is missing: it holds (part of) tensor {index.fqn!r}; copy the checkpoint again")
+            sizes[info.relative_path] = path.stat().st_size
+        if info.offset + info.length > sizes[info.relative_path]:
+            raise CheckpointError(
+                f"{path}: file is truncated: tensor {index.fqn!r} needs bytes up to {info.offset + info.length}, "
+                f"the file has {sizes[info.relative_path]}"
+            )
 
 
 def megatron_args_from_common(common: dict[str, Any] | None, folder: Path):
