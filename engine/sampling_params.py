@@ -58,7 +58,10 @@ class SamplingParams:
             _int(self, "max_tokens", low=1)
         _int(self, "min_tokens", low=0)
         if self.max_tokens is not None:
-            _check(self.min_tokens <= self.max_tokens, f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}")
+            _check(
+                self.min_tokens <= self.max_tokens,
+                f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}",
+            )
         self.stop = _stop_strings(self.stop)
         self.stop_token_ids = _stop_token_ids(self.stop_token_ids)
         for name in ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens"):
