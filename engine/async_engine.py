@@ -61,7 +61,7 @@ class AsyncLLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
-        token_ids = self.engine.tokenize(prompt)
+        token_ids = self.engine.validate(prompt, params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(("add", request_id, prompt, params, token_ids))

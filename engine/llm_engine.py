@@ -90,6 +90,14 @@ class LLMEngine:
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
 
     # --- requests ---
+    def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Check a request before it is queued; its prompt token ids. Raises ValueError (a bad
+        request), never lets bad input reach the workers. Safe to call from any thread."""
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
+        params.check_token_ids(self.vocab_size)
+        return self.tokenize(prompt)
+
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """The prompt's token ids, checked. Safe to call from another thread than the engine's."""
         if isinstance(prompt, str):
@@ -115,9 +123,7 @@ class LLMEngine:
     ) -> None:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
-        token_ids = prompt_token_ids if prompt_token_ids is not None else self.tokenize(prompt)
+        token_ids = prompt_token_ids if prompt_token_ids is not None else self.validate(prompt, params)
         # Every request gets a seed, so its randomness is stateless (the same tokens in any batch).
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         request = Request(

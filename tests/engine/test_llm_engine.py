@@ -218,6 +218,8 @@ def test_bad_requests_are_refused(engine):
         engine.add_request("e", [1] * 130, GREEDY)
     with pytest.raises(ValueError, match="n=40 exceeds max_num_seqs=32"):
         engine.add_request("e", [1], SamplingParams(n=40))
+    with pytest.raises(ValueError, match="300"):  # would otherwise fail inside the workers' sampler
+        engine.add_request("e", [1], SamplingParams(logit_bias={300: 1.0}))
     assert not engine.has_unfinished_requests()
 
 

@@ -1,0 +1,166 @@
+"""Offline throughput, measured the way `vllm bench throughput` measures it.
+
+N prompts (random token ids of --input-len, or lines of --prompt-file) are all submitted at
+once with --output-len new tokens each (end-of-sequence ignored, so every request makes the
+same work); the clock runs from the first submission to the last token. With --compare-hf,
+Hugging Face transformers' batched greedy `generate` runs on the same prompts in the same
+process, at each --hf-batch-sizes, and the ratio to its best is printed.
+
+    python benchmarks/throughput.py --num-prompts 64 --output-len 128 --compare-hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="tpserve checkpoint folder (default: the SmolLM2 default model)")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, default=16, help="random prompt length in tokens (centre)")
+    p.add_argument("--input-len-range", type=float, default=0.25,
+                   help="prompt lengths are uniform in input-len * [1 - r, 1 + r]")
+    p.add_argument("--prompt-file", help="one prompt per line (text), instead of random token ids")
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-memory", type=int, help="bytes of KV cache per rank (default: measured)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median is reported")
+    p.add_argument("--compare-hf", action="store_true", help="also time transformers' batched generate")
+    p.add_argument("--hf-batch-sizes", default="16,64", help="batch sizes tried for transformers (best kept)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-json", help="where to write the results (default: print only)")
+    return p.parse_args(argv)
+
+
+def make_prompts(args, tokenizer, vocab_size: int) -> list[list[int]]:
+    rng = random.Random(args.seed)
+    if args.prompt_file:
+        lines = [line.strip() for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
+        return [tokenizer(lines[i % len(lines)])["input_ids"] for i in range(args.num_prompts)]
+    low = max(1, int(args.input_len * (1 - args.input_len_range)))
+    high = max(low, int(args.input_len * (1 + args.input_len_range)))
+    return [[rng.randrange(3, vocab_size) for _ in range(rng.randint(low, high))] for _ in range(args.num_prompts)]
+
+
+def time_tpserve(llm, prompts: list[list[int]], output_len: int) -> float:
+    from tpserve import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    assert all(len(o.outputs[0].token_ids) == output_len for o in outputs)
+    return elapsed
+
+
+def time_hf(checkpoint: Path, prompts: list[list[int]], output_len: int, batch_sizes: list[int]) -> dict:
+    """Transformers' greedy generate, left-padded batches; the best batch size's time."""
+    from transformers import AutoModelForCausalLM
+
+    from tpserve.model.checkpoint import export_hf
+
+    with tempfile.TemporaryDirectory() as tmp:
+        export_hf(checkpoint, Path(tmp) / "hf", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
+    results = {}
+    for batch_size in batch_sizes:
+        start = time.perf_counter()
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i : i + batch_size]
+            width = max(map(len, batch))
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len,
+                               do_sample=False, pad_token_id=0)
+        results[batch_size] = time.perf_counter() - start
+    return results
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from tpserve import LLM
+    from tpserve.model.checkpoint import prepare_default_model, read_checkpoint_info
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else prepare_default_model()
+    info = read_checkpoint_info(checkpoint)
+    engine_args = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.kv_cache_memory:
+        engine_args["kv_cache_memory"] = args.kv_cache_memory
+    started = time.perf_counter()
+    llm = LLM(checkpoint, tensor_parallel_size=args.tensor_parallel_size, **engine_args)
+    startup_s = time.perf_counter() - started
+    prompts = make_prompts(args, llm.get_tokenizer(), info.config.vocab_size)
+    input_tokens = sum(map(len, prompts))
+    output_tokens = args.num_prompts * args.output_len
+    try:
+        time_tpserve(llm, prompts[: min(8, len(prompts))], 8)  # warm-up
+        runs = [time_tpserve(llm, prompts, args.output_len) for _ in range(args.repeats)]
+        preemptions = llm.engine.scheduler.num_preemptions
+    finally:
+        llm.shutdown()
+    elapsed = statistics.median(runs)
+    result = {
+        "benchmark": "throughput",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "checkpoint": str(checkpoint),
+        "setup": vars(args),
+        "startup_s": round(startup_s, 2),
+        "num_prompts": args.num_prompts,
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "runs_s": [round(r, 3) for r in runs],
+        "elapsed_s": round(elapsed, 3),
+        "spread_s": round(max(runs) - min(runs), 3),
+        "requests_per_s": round(args.num_prompts / elapsed, 3),
+        "output_tokens_per_s": round(output_tokens / elapsed, 2),
+        "total_tokens_per_s": round((input_tokens + output_tokens) / elapsed, 2),
+        "preemptions": preemptions,
+    }
+    print(f"Startup: {startup_s:.1f} s")
+    print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.1f} total tokens/s, "
+          f"{result['output_tokens_per_s']:.1f} output tokens/s (median of {len(runs)}: {result['runs_s']} s)")
+    if args.compare_hf:
+        hf = time_hf(checkpoint, prompts, args.output_len, [int(b) for b in args.hf_batch_sizes.split(",")])
+        best_batch, best = min(hf.items(), key=lambda kv: kv[1])
+        result["hf"] = {str(b): {"elapsed_s": round(t, 3), "output_tokens_per_s": round(output_tokens / t, 2)}
+                        for b, t in hf.items()}
+        result["hf_best_output_tokens_per_s"] = round(output_tokens / best, 2)
+        result["speedup_vs_hf_best"] = round(best / elapsed, 2)
+        for b, t in hf.items():
+            print(f"transformers generate, batch {b}: {output_tokens / t:.1f} output tokens/s")
+        print(f"tpserve / transformers (best, batch {best_batch}): {best / elapsed:.2f}x")
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
