@@ -5,9 +5,14 @@ start of a stop string is held back until it either completes one (and is cut of
 longer (and is released), so a client never sees the first half of a stop string it should not
 see. Each call looks only at the text that can hold a new match, so its cost does not grow with
 the output.
+
+Per sequence and step, the engine feeds the detokenizer's delta. When the output ends for another
+reason, it feeds the detokenizer's flush() too (a stop string may end in it), then takes flush().
 """
 
 from __future__ import annotations
+
+import re
 
 
 class StopStringMatcher:
@@ -27,8 +32,14 @@ class StopStringMatcher:
         self.include_stop_str_in_output = include_stop_str_in_output
         # A match of s ends in the new delta, so it starts at most len(s) - 1 characters before it.
         self._lookback = max((len(s) for s in self.stop), default=1) - 1
-        # A tail equal to one of these may still grow into a stop string.
-        self._proper_prefixes = frozenset(s[:k] for s in self.stop for k in range(1, len(s)))
+        # Any stop string: in most steps one C-level scan finds none, and no more is done.
+        self._any_stop = re.compile("|".join(map(re.escape, self.stop))) if self.stop else None
+        # A tail equal to a proper prefix of a stop string may still grow into it. The regex finds
+        # the leftmost (so the longest) such tail in one C-level scan.
+        prefixes = sorted({s[:k] for s in self.stop for k in range(1, len(s))})
+        self._prefix_at_end = (
+            re.compile("(?:" + "|".join(map(re.escape, prefixes)) + r")\Z") if prefixes else None
+        )
         # The last `_lookback` characters fed; its last `_num_held` characters are not yet emitted.
         self._tail = ""
         self._num_held = 0
@@ -73,7 +84,9 @@ class StopStringMatcher:
         return held
 
     def _first_match(self, window: str, new_from: int) -> tuple[int, int, str] | None:
-        """(begin, end, s) of the first stop string completed in window[new_from:], else None."""
+        """(begin, end, s) of the first stop string to end in window[new_from:] (the delta), or None."""
+        if self._any_stop is None or not self._any_stop.search(window):
+            return None  # window is at most lookback + delta long, and no match ended before
         found = []  # (end, begin, s): the smallest end is the first completed
         for s in self.stop:
             begin = window.find(s, max(0, new_from - (len(s) - 1)))
@@ -89,7 +102,7 @@ class StopStringMatcher:
 
             window = "... and then <|e"    stop = ["<|end|>"]    ->  3 ("<|e" is held)
         """
-        for i in range(max(start, len(window) - self._lookback), len(window)):
-            if window[i:] in self._proper_prefixes:
-                return len(window) - i
-        return 0
+        if self._prefix_at_end is None:
+            return 0
+        match = self._prefix_at_end.search(window, max(start, len(window) - self._lookback))
+        return len(window) - match.start() if match else 0
