@@ -33,12 +33,12 @@ def save_gguf_tokenizer(path: Path, folder: Path) -> None:
 
 def convert_gguf(src: str | Path, dst: str | Path, dtype: torch.dtype | None = None,
                  max_shard_bytes: int = 2**30) -> Path:
-    """Convert a GGUF file (llama architecture); dtype None stores float32, as dequantized."""
+    """Convert a GGUF file (llama or gpt2 architecture); dtype None stores float32, as dequantized."""
     src = Path(src)
     if not src.is_file():
         raise CheckpointError(f"{src}: no such GGUF file")
     model = read_gguf(src)
-    config = gpt_config_from_hf({"model_type": "llama", **model.hf_config})
+    config = gpt_config_from_hf({"model_type": model.architecture, **model.hf_config})
     state = megatron_state_dict_from_hf(model.state_dict, config)
     del model  # the HF-named tensors not reused by `state` (q/k/v, gate/up) can go
     with tempfile.TemporaryDirectory(prefix="tpserve-gguf-tokenizer-") as tokenizer_dir:

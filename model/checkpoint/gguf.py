@@ -1,4 +1,4 @@
-"""Read a GGUF file of the `llama` architecture into a float32 state dict with Hugging Face names.
+"""Read a GGUF file (`llama` or `gpt2` architecture) into a float32 state dict with Hugging Face names.
 
 GGUF is llama.cpp's one-file format: metadata key/values, then tensors, most of them quantized in
 blocks (Q4_1, Q8_0, Q4_K, ...). We dequantize with the `gguf` package, the reference Python
@@ -7,7 +7,7 @@ tpserve sees one naming scheme whatever file the weights came from. The tokenize
 the metadata, is not read here.
 
     model = read_gguf(default_gguf_path())
-    model.hf_config   # kwargs of transformers.LlamaConfig
+    model.hf_config   # kwargs of transformers.LlamaConfig (GPT2Config for a gpt2 file)
     model.state_dict  # {"model.embed_tokens.weight": [vocab, h], ...}, float32
 """
 
@@ -52,11 +52,31 @@ _TOKEN_ID_KEYS = {
 }
 
 
+# GPT-2 (llama.cpp's convert_hf_to_gguf.py GPT2Model): HF names, and which weights it transposed
+# from GPT-2's Conv1D [in, out] to [out, in] (they are transposed back).
+_GPT2_GLOBAL_NAMES = {
+    "token_embd.weight": "transformer.wte.weight",
+    "position_embd.weight": "transformer.wpe.weight",
+    "output_norm.weight": "transformer.ln_f.weight",
+    "output_norm.bias": "transformer.ln_f.bias",
+    "output.weight": "lm_head.weight",
+}
+_GPT2_LAYER_NAMES = {
+    "attn_norm": "ln_1",
+    "attn_qkv": "attn.c_attn",
+    "attn_output": "attn.c_proj",
+    "ffn_norm": "ln_2",
+    "ffn_up": "mlp.c_fc",
+    "ffn_down": "mlp.c_proj",
+}
+_GPT2_TRANSPOSED = ("attn_qkv.weight", "attn_output.weight", "ffn_up.weight", "ffn_down.weight")
+
+
 @dataclasses.dataclass
 class GGUFModel:
-    architecture: str  # GGUF `general.architecture`; only "llama" is read today
-    hf_config: dict  # kwargs of transformers.LlamaConfig
-    state_dict: dict[str, torch.Tensor]  # HF Llama names, float32, linears as [out, in]
+    architecture: str  # GGUF `general.architecture`: "llama" or "gpt2" (also the HF model_type)
+    hf_config: dict  # kwargs of transformers.LlamaConfig or GPT2Config
+    state_dict: dict[str, torch.Tensor]  # HF names, float32
 
 
 def default_gguf_path() -> pathlib.Path:
@@ -84,8 +104,10 @@ def read_gguf(path: str | pathlib.Path) -> GGUFModel:
     path = pathlib.Path(path)
     reader = gguf.GGUFReader(path)
     arch = _field(reader, path, "general.architecture")
+    if arch == "gpt2":
+        return _read_gpt2(reader, path)
     if arch != "llama":
-        raise ValueError(f"{path}: architecture {arch!r} is not supported (supported: 'llama')")
+        raise ValueError(f"{path}: architecture {arch!r} is not supported (supported: 'llama', 'gpt2')")
     tensors = {t.name: t for t in reader.tensors}
     config = _llama_config(reader, path, tensors)
     names = _llama_names(path, tensors, config)
@@ -152,6 +174,51 @@ def _llama_config(reader: gguf.GGUFReader, path: pathlib.Path, tensors: dict) ->
         if gguf_key in reader.fields:
             config[key] = int(get(gguf_key))
     return config
+
+
+def _read_gpt2(reader: gguf.GGUFReader, path: pathlib.Path) -> GGUFModel:
+    """A gpt2 GGUF as GPT-2 Hugging Face tensors (Conv1D weights [in, out] again)."""
+
+    def get(key, default=None):
+        return _field(reader, path, key, default)
+
+    tensors = {t.name: t for t in reader.tensors}
+    layers = int(get("gpt2.block_count"))
+    names = {g: h for g, h in _GPT2_GLOBAL_NAMES.items() if g != "output.weight" or g in tensors}
+    for i in range(layers):
+        for g, h in _GPT2_LAYER_NAMES.items():
+            names |= {f"blk.{i}.{g}.{kind}": f"transformer.h.{i}.{h}.{kind}" for kind in ("weight", "bias")}
+    missing = [g for g in names if g not in tensors]
+    if missing:
+        raise ValueError(f"{path}: tensor {missing[0]!r} is missing ({len(missing)} missing in all)")
+    unexpected = [g for g in tensors if g not in names]
+    if unexpected:
+        raise ValueError(f"{path}: tensor {unexpected[0]!r} is not part of a plain GPT-2 (unexpected: {unexpected[:5]})")
+
+    state_dict = {}
+    for gguf_name, hf_name in names.items():
+        w = _dequantize(path, tensors[gguf_name])
+        state_dict[hf_name] = w.t().contiguous() if gguf_name.endswith(_GPT2_TRANSPOSED) else w
+    # llama.cpp writes GPT-2's tied output layer as a copy of the embedding: tie it again.
+    tied = "lm_head.weight" not in state_dict or torch.equal(state_dict["lm_head.weight"], state_dict["transformer.wte.weight"])
+    if tied:
+        state_dict.pop("lm_head.weight", None)
+    wte = tensors["token_embd.weight"]
+    config = dict(
+        vocab_size=int(wte.shape[-1]),  # GGUF shapes are [in, out]: [h, vocab]
+        n_embd=int(get("gpt2.embedding_length")),
+        n_inner=int(get("gpt2.feed_forward_length")),
+        n_layer=layers,
+        n_head=int(get("gpt2.attention.head_count")),
+        n_positions=int(get("gpt2.context_length")),
+        layer_norm_epsilon=float(get("gpt2.attention.layer_norm_epsilon", 1e-5)),
+        activation_function="gelu_new",  # ggml's gelu is the tanh approximation
+        tie_word_embeddings=tied,
+    )
+    for key, gguf_key in _TOKEN_ID_KEYS.items():
+        if gguf_key in reader.fields:
+            config[key] = int(get(gguf_key))
+    return GGUFModel(architecture="gpt2", hf_config=config, state_dict=state_dict)
 
 
 def _llama_names(path: pathlib.Path, tensors: dict, config: dict) -> dict[str, str]:

@@ -103,3 +103,47 @@ def write_llama_gguf(path: Path, seed: int = 0) -> Path:
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_gpt2_gguf(path: Path, seed: int = 0) -> Path:
+    """A 2-layer GPT-2 (hidden 64, 4 heads, FFN 256) as llama.cpp writes one: linear weights
+    [out, in], biases, and the tied output layer stored as a copy of the embedding."""
+    rng = np.random.default_rng(seed)
+    # 1024 positions: transformers reads gpt2.context_length into n_ctx, not n_positions, so it
+    # only loads position tables of GPT-2's default 1024 rows.
+    hidden, ffn, layers, context = 64, 256, 2, 1024
+    writer = gguf.GGUFWriter(str(path), "gpt2")
+    writer.add_block_count(layers)
+    writer.add_context_length(context)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(4)
+    writer.add_layer_norm_eps(1e-5)
+    _tokenizer(writer)
+
+    embedding, raw = _tensor(rng, (len(TOKENS), hidden), T.Q8_0)
+    writer.add_tensor("token_embd.weight", embedding, raw_dtype=raw)
+    writer.add_tensor("output.weight", embedding, raw_dtype=raw)
+    positions, raw = _tensor(rng, (context, hidden), T.F16)
+    writer.add_tensor("position_embd.weight", positions, raw_dtype=raw)
+    kinds = {"attn_qkv": ((3 * hidden, hidden), T.Q8_0), "attn_output": ((hidden, hidden), T.BF16),
+             "ffn_up": ((ffn, hidden), T.F16), "ffn_down": ((hidden, ffn), T.Q4_1)}
+
+    def vector(n: int, offset: float = 0.0):
+        return (offset + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    for i in range(layers):
+        for name, (shape, kind) in kinds.items():
+            data, raw = _tensor(rng, shape, kind)
+            writer.add_tensor(f"blk.{i}.{name}.weight", data, raw_dtype=raw)
+            writer.add_tensor(f"blk.{i}.{name}.bias", vector(shape[0]))
+        for norm in ("attn_norm", "ffn_norm"):
+            writer.add_tensor(f"blk.{i}.{norm}.weight", vector(hidden, 1.0))
+            writer.add_tensor(f"blk.{i}.{norm}.bias", vector(hidden))
+    writer.add_tensor("output_norm.weight", vector(hidden, 1.0))
+    writer.add_tensor("output_norm.bias", vector(hidden))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

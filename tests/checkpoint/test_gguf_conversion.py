@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 from ckpt_helpers import logits_of
-from gguf_files import BOS, CHAT_TEMPLATE, EOS, write_llama_gguf
+from gguf_files import BOS, CHAT_TEMPLATE, EOS, write_gpt2_gguf, write_llama_gguf
 
 from tpserve.model.checkpoint import convert_gguf, load_model, read_checkpoint_info
 
@@ -46,6 +46,21 @@ def test_logits_and_tokenizer_equal_transformers(llama_gguf, tmp_path):
     ours = transformers.AutoTokenizer.from_pretrained(path)
     for text in ["hello the tell", " the  theta\n\tthe", "ünï 😀 <s>x</s>", ""]:
         assert ours(text)["input_ids"] == reference(text)["input_ids"], repr(text)
+
+
+def test_gpt2_gguf_equals_transformers(tmp_path):
+    file = write_gpt2_gguf(tmp_path / "tiny-gpt2.gguf")
+    path = convert_gguf(file, tmp_path / "tp")
+    config = read_checkpoint_info(path).config
+    assert config.position_embedding_type == "learned_absolute" and config.share_embeddings_and_output_weights
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=file.name, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+    tokens = [[1, 50, 260, 7, 99, 200, 3, 258], [258, 257, 256, 0, 255, 100, 12, 13]]
+    with torch.no_grad():
+        expected = hf(torch.tensor(tokens)).logits
+    ours = logits_of(load_model(path, progress=False), tokens)
+    torch.testing.assert_close(ours, expected, atol=1e-5 * expected.abs().max(), rtol=0)
 
 
 def test_unknown_architecture_is_refused(tmp_path):
