@@ -12,22 +12,11 @@ from dataclasses import dataclass, field
 import torch
 
 from tpserve.engine.sampler import Sampler, SamplingBatch
-from tpserve.engine.sampling_params import SamplingParams
-from tpserve.engine.step_plan import StepPlan
+from tpserve.engine.step_plan import NewSequence, StepPlan
 from tpserve.model.gpt_model import GPTModel
 from tpserve.model.inference_params import InferenceParams
 from tpserve.model.kv_cache import KVCache
 from tpserve.model.packed_seq_params import PackedSeqParams
-
-
-@dataclass
-class SequenceState:
-    token_ids: list[int]
-    num_prompt_tokens: int
-    block_table: list[int]
-    params: SamplingParams
-    seed: int
-    sample_index: int
 
 
 @dataclass
@@ -64,7 +53,9 @@ class ModelRunner:
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.vocab_size = model.unpadded_vocab_size
-        self.sequences: dict[int, SequenceState] = {}
+        # What this rank knows of each sequence: its entry of the plan that introduced it, kept
+        # up to date with every later plan's deltas (tokens appended, block table tail).
+        self.sequences: dict[int, NewSequence] = {}
         self.inference_params = InferenceParams(
             max_num_seqs + max_num_seqs,  # forks never widen a step, but a margin costs nothing
             max_num_batched_tokens,
@@ -78,10 +69,7 @@ class ModelRunner:
         for seq_id in plan.dropped_seq_ids:
             del self.sequences[seq_id]
         for new in plan.new_sequences:
-            self.sequences[new.seq_id] = SequenceState(
-                list(new.token_ids), new.num_prompt_tokens, list(new.block_table), new.params, new.seed,
-                new.sample_index,
-            )
+            self.sequences[new.seq_id] = new
         for seq_id, tokens, start, tail in zip(plan.seq_ids, plan.appended_tokens, plan.block_starts, plan.block_tails):
             state = self.sequences[seq_id]
             state.token_ids.extend(tokens)
