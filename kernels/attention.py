@@ -425,17 +425,23 @@ MIN_SPLIT_KEYS = 128
 MAX_SPLITS = 64
 
 
-def _prefill_config(device: torch.device, d: int, heads_per_group: int) -> dict:
-    """Block sizes of _prefill_kernel. GPU: the Triton flash-attention tutorial's choices for
-    H100-class parts (to be confirmed by benchmarks/kernels.py); interpreter: big tiles, few programs."""
+def _prefill_config(device: torch.device, d: int, heads_per_group: int, dtype: torch.dtype) -> dict:
+    """Block sizes of _prefill_kernel. GPU: the Triton flash-attention tutorial's tiles for
+    H100-class parts, with 8 warps because the paged gather's per-element pointers cost registers
+    (with 4, ptxas spills at d=64 and d=128 for sm_90); to be tuned with benchmarks/kernels.py.
+    Interpreter: big tiles, few programs."""
     if L.interpreting(device):
         block_m, block_n, warps, stages = 64, 64, 4, 1
     elif d <= 64:
-        block_m, block_n, warps, stages = 128, 64, 4, 3
+        block_m, block_n, warps, stages = 128, 64, 8, 3
     elif d <= 128:
         block_m, block_n, warps, stages = 128, 64, 8, 3
     else:
         block_m, block_n, warps, stages = 64, 32, 4, 2
+    if dtype == torch.float32 and not L.interpreting(device):
+        # fp32 tiles take twice the shared memory: 3 stages of 64-key tiles at d=128 need
+        # ~256 KiB, more than an H100 has (227 KiB).
+        block_n, stages = max(16, block_n // 2), 2
     block_m = max(block_m, L.next_pow2(heads_per_group))  # at least one token per tile
     block_d = L.next_pow2(d) if L.interpreting(device) else max(16, L.next_pow2(d))
     return dict(BLOCK_M=block_m, BLOCK_Q=block_m // heads_per_group, BLOCK_N=block_n, BLOCK_D=block_d,
@@ -446,8 +452,10 @@ def _decode_config(device: torch.device, d: int, heads_per_group: int) -> dict:
     if L.interpreting(device):
         return dict(BLOCK_H=L.next_pow2(heads_per_group), BLOCK_N=128, BLOCK_D=L.next_pow2(d),
                     num_warps=4, num_stages=1)
+    # 8 warps: with 4, the [d, 64] gathered K tile's pointers push ptxas to 255 registers and
+    # spills at d=128 (sm_90); with 8, 213 registers and none.
     return dict(BLOCK_H=max(16, L.next_pow2(heads_per_group)), BLOCK_N=64 if d <= 128 else 32,
-                BLOCK_D=max(16, L.next_pow2(d)), num_warps=4, num_stages=2)
+                BLOCK_D=max(16, L.next_pow2(d)), num_warps=8, num_stages=2)
 
 
 def decode_num_splits(num_seqs: int, num_kv_heads: int, max_context_len: int, device: torch.device) -> int:
@@ -557,7 +565,7 @@ def paged_attention(
 
     if max_seqlen_q > 1:
         L.check_runnable(_prefill_kernel, device)
-        cfg = _prefill_config(device, d, hpg)
+        cfg = _prefill_config(device, d, hpg, query.dtype)
         # Grid: (query tiles of all sequences, as _find_seq numbers them; kv heads).
         grid = (t // cfg["BLOCK_Q"] + b, g)
         _prefill_kernel[grid](
@@ -627,7 +635,7 @@ def varlen_attention(
         return out
     L.check_runnable(_prefill_kernel, device)
     use_window, window = _window(window_left)
-    cfg = _prefill_config(device, d, hpg)
+    cfg = _prefill_config(device, d, hpg, query.dtype)
     grid = (t // cfg["BLOCK_Q"] + b, g)
     _prefill_kernel[grid](
         query, *query.stride()[:3], out, out.stride(0), out.stride(1),
