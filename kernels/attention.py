@@ -432,8 +432,6 @@ def _prefill_config(device: torch.device, d: int, heads_per_group: int, dtype: t
     Interpreter: big tiles, few programs."""
     if L.interpreting(device):
         block_m, block_n, warps, stages = 64, 64, 4, 1
-    elif d <= 64:
-        block_m, block_n, warps, stages = 128, 64, 8, 3
     elif d <= 128:
         block_m, block_n, warps, stages = 128, 64, 8, 3
     else:
