@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 
@@ -124,11 +125,169 @@ def _run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         raise SystemExit(1) from None
     print(out)
 
+SERVE_DESCRIPTION = """\
+Serve a tpserve checkpoint over HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions
+and /v1/models, the engine's own /generate, Megatron-LM's PUT /api, and /health, /ready and
+/metrics. The engine (scheduler, detokenizer) runs on its own thread and the model in one worker
+process per tensor-parallel rank, so a slow step never stalls the HTTP loop.
+
+Requests that would not fit (prompt + max_tokens > --max-model-len) are refused with 400, not
+cut short. max_tokens left out means 16 for /v1/completions and /generate (OpenAI's default) and
+what the prompt leaves of --max-model-len for /v1/chat/completions.
+
+SIGTERM or Ctrl-C stops accepting requests, lets those in flight finish for up to
+--shutdown-timeout seconds, aborts the rest, stops the workers and exits 0.
+
+examples:
+  tpserve serve                                    # the default model on 127.0.0.1:8000
+  tpserve serve --checkpoint ./ckpt --tensor-parallel-size 2 --port 8080 --api-key "$KEY"
+  curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+       -d '{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}'"""
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0")
+    return value
+
+
+def _add_serve(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="serve a model over HTTP (OpenAI-compatible, /generate, Megatron's /api)",
+    )
+    model = p.add_argument_group("model and engine")
+    model.add_argument(
+        "--checkpoint", metavar="DIR",
+        help="a tpserve checkpoint folder (write one with `tpserve convert`); default: SmolLM2-135M-Instruct, "
+             "converted into ~/.cache/tpserve on first use",
+    )
+    model.add_argument(
+        "--served-model-name", metavar="NAME",
+        help="the model name clients send as `model` and GET /v1/models lists; default: the checkpoint "
+             "folder's name. A request naming another model gets 404",
+    )
+    model.add_argument(
+        "--tensor-parallel-size", type=int, default=1, metavar="N",
+        help="worker processes, one per GPU (or CPU process group rank); each holds 1/N of every weight "
+             "matrix. N must divide the attention heads and query groups (default 1)",
+    )
+    model.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+        help="dtype of weights and KV cache; auto: bfloat16 on a GPU, float32 on the CPU",
+    )
+    model.add_argument(
+        "--max-model-len", type=int, metavar="TOKENS",
+        help="longest prompt + completion served, in tokens; default: the model's own length (its "
+             "seq_length). Lower it to fit more sequences in the KV cache",
+    )
+    model.add_argument(
+        "--max-num-seqs", type=int, default=256, metavar="N",
+        help="most sequences generated at once (the decode batch); more requests wait in the queue (default 256)",
+    )
+    model.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, metavar="TOKENS",
+        help="token budget of one step: decode tokens first, then prompt chunks up to it (default 2048)",
+    )
+    model.add_argument(
+        "--kv-cache-memory", type=_size, metavar="SIZE",
+        help="KV-cache bytes per worker, e.g. 2GB or 512MB; default: measured (GPU: --gpu-memory-utilization "
+             "of the card less weights and activations; CPU: a quarter of the free memory, at most 4 GiB)",
+    )
+    model.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
+        help="share of each GPU's memory tpserve may use when sizing the KV cache itself (default 0.9)",
+    )
+    http = p.add_argument_group("HTTP")
+    http.add_argument("--host", default="127.0.0.1",
+                      help="address to listen on (default 127.0.0.1; 0.0.0.0 listens on every interface)")
+    http.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    http.add_argument(
+        "--api-key", default=os.environ.get("TPSERVE_API_KEY"), metavar="KEY",
+        help="require `Authorization: Bearer KEY` on every route but /health, /ready, /metrics and the API "
+             "docs (401 otherwise); default: $TPSERVE_API_KEY, or no key",
+    )
+    http.add_argument(
+        "--max-queued-requests", type=int, default=256, metavar="N",
+        help="requests allowed to wait beyond the --max-num-seqs running ones; past that a request is "
+             "refused at once with 429 and Retry-After, so memory stays bounded (default 256)",
+    )
+    http.add_argument(
+        "--max-request-bytes", type=_size, default=10 << 20, metavar="SIZE",
+        help="largest request body, e.g. 10MB; larger ones get 413 (default 10MiB)",
+    )
+    http.add_argument(
+        "--request-timeout", type=_positive_float, default=600.0, metavar="SECONDS",
+        help="a request running (queued or generating) longer than this is aborted: 504, or an error event "
+             "in a stream (default 600; 0: no limit)",
+    )
+    http.add_argument(
+        "--shutdown-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+        help="on SIGTERM/Ctrl-C, how long requests in flight may run on before they are aborted (default 30)",
+    )
+    http.add_argument(
+        "--ready-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
+        help="GET /ready runs one model step and answers 503 if it takes longer than this (default 30)",
+    )
+    http.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                      help="server log level; debug also logs every request (default info)")
+
+
+def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from tpserve.engine.config import EngineConfig
+    from tpserve.model.checkpoint import CheckpointError
+    from tpserve.model.checkpoint.format import parse_dtype
+    from tpserve.server.runner import ServerConfig
+    from tpserve.server.serve import serve
+
+    for flag in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        parser.error("--max-model-len must be >= 2 (one prompt token and one generated)")
+    if args.max_queued_requests < 0:
+        parser.error("--max-queued-requests must be >= 0")
+    if args.api_key == "":
+        parser.error("--api-key must not be empty")
+    if args.checkpoint is None:
+        from tpserve.model.checkpoint import prepare_default_model
+
+        checkpoint = prepare_default_model()
+    else:
+        checkpoint = Path(args.checkpoint)
+    try:
+        engine_config = EngineConfig(
+            checkpoint, tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
+            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+            kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+            dtype=None if args.dtype == "auto" else parse_dtype(args.dtype),
+        )
+        server_config = ServerConfig(
+            model_name=args.served_model_name or checkpoint.resolve().name, api_key=args.api_key,
+            max_queued_requests=args.max_queued_requests, max_request_bytes=args.max_request_bytes,
+            request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
+            ready_timeout=args.ready_timeout,
+        )
+        serve(engine_config, server_config, args.host, args.port, log_level=args.log_level)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"tpserve serve: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="tpserve", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_convert(subparsers)
+    _add_serve(subparsers)
     args = parser.parse_args(argv)
     if args.command == "convert":
         _run_convert(subparsers.choices["convert"], args)
+    elif args.command == "serve":
+        _run_serve(subparsers.choices["serve"], args)
+
+
+if __name__ == "__main__":  # `python -m tpserve.server.cli`; spawned workers re-import this module
+    main()

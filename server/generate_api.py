@@ -1,0 +1,98 @@
+"""POST /generate: the engine as it is, one prompt (text or token ids), every sampling parameter.
+
+    {"prompt": "Hello", "max_tokens": 32, "temperature": 0, "stream": true, ...}
+
+Not streamed, the answer holds every sample whole:
+
+    {"id": ..., "outputs": [{"index", "text", "token_ids", "finish_reason", "stop_reason",
+     "cumulative_logprob", "logprobs"}], "prompt_token_ids": [...], "prompt_logprobs": ...,
+     "usage": {"prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details"}}
+
+Streamed, Server-Sent Events: one event per sample that moved, with what it added
+
+    data: {"id": ..., "index": 0, "text": " world", "token_ids": [1917], "finish_reason": null}
+
+(`finish_reason` set on the sample's last delta), then one final event
+
+    data: {"id": ..., "finished": true, "outputs": [{"index", "finish_reason", "stop_reason"}],
+           "usage": {...}}
+
+Logprobs are `{"token_id", "logprob", "top": {"<id>": logprob}}` per token.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+
+from tpserve.engine.outputs import RequestOutput
+from tpserve.engine.sequence import Logprob
+from tpserve.server.openai_api import finite, runner_of, usage
+from tpserve.server.params import resolve_max_tokens, sampling_params, tokenize
+from tpserve.server.protocol import GenerateRequest
+from tpserve.server.streaming import event_stream, sse
+
+router = APIRouter()
+
+
+def logprobs_json(entries: list[Logprob | None] | None) -> list[dict | None] | None:
+    if entries is None:
+        return None
+    return [None if e is None else {"token_id": e.token_id, "logprob": finite(e.logprob),
+                                    "top": {str(t): finite(lp) for t, lp in e.top.items()}} for e in entries]
+
+
+@router.post("/generate")
+async def generate(body: GenerateRequest, request: Request):
+    runner = runner_of(request)
+    runner.check_available()
+    engine = runner.engine.engine
+    request_id = request.state.request_id
+    prompt_ids = tokenize(runner.engine, body.prompt)
+    params = sampling_params(
+        body, resolve_max_tokens(len(prompt_ids), body.max_tokens, engine.max_model_len), engine.vocab_size,
+        engine.config.max_num_seqs, logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs,
+    )
+    if not body.stream:
+        (out,) = await runner.final(request_id, [prompt_ids], [params], request.is_disconnected)
+        return {
+            "id": request_id,
+            "outputs": [{"index": o.index, "text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason,
+                         "stop_reason": o.stop_reason, "cumulative_logprob": finite(o.cumulative_logprob),
+                         "logprobs": logprobs_json(o.logprobs)} for o in out.outputs],
+            "prompt_token_ids": out.prompt_token_ids,
+            "prompt_logprobs": logprobs_json(out.prompt_logprobs),
+            "usage": usage([out]),
+        }
+
+    sent: dict[int, tuple[int, int]] = {}  # sample index -> (characters, tokens) sent
+    done: set[int] = set()  # samples whose last delta went out
+    last: list[RequestOutput] = []
+
+    def render(batch: dict[int, RequestOutput]) -> list[str]:
+        out = batch[0]
+        last[:] = [out]
+        lines = []
+        for o in out.outputs:
+            chars, tokens = sent.get(o.index, (0, 0))
+            if o.index in done or (len(o.text) == chars and len(o.token_ids) == tokens and not o.finished):
+                continue
+            event = {"id": request_id, "index": o.index, "text": o.text[chars:], "token_ids": o.token_ids[tokens:],
+                     "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+            if o.logprobs is not None:
+                event["logprobs"] = logprobs_json(o.logprobs[tokens:])
+            if o.finished:
+                done.add(o.index)
+                if out.prompt_logprobs is not None:
+                    event["prompt_logprobs"] = logprobs_json(out.prompt_logprobs)
+            sent[o.index] = (len(o.text), len(o.token_ids))
+            lines.append(sse(event))
+        return lines
+
+    def end() -> list[str]:
+        out = last[0]
+        return [sse({"id": request_id, "finished": True,
+                     "outputs": [{"index": o.index, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+                                 for o in out.outputs],
+                     "usage": usage([out])})]
+
+    return await event_stream(runner.stream(request_id, [prompt_ids], [params]), render, end, done_line=False)

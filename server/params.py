@@ -1,0 +1,76 @@
+"""From a request body to what the engine takes: prompt token ids and `SamplingParams`.
+
+Length policy (documented in the README): a request whose prompt plus max_tokens exceeds the
+model's length (`--max-model-len`) is refused with 400 and both counts, never silently clamped,
+so a client learns at once that it asked for more than it can get. Where max_tokens is left
+out, /v1/completions and /generate use 16 (OpenAI's default); /v1/chat/completions uses what
+the prompt leaves of the model's length.
+"""
+
+from __future__ import annotations
+
+from tpserve.engine.sampling_params import SamplingParams
+from tpserve.server.errors import APIError, bad_request
+from tpserve.server.protocol import SamplingFields
+
+# Fields of SamplingFields handed to SamplingParams as they are, when set.
+_PASSED = (
+    "n", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty",
+    "seed", "stop", "stop_token_ids", "min_tokens", "ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
+)
+
+
+def tokenize(engine, prompt: str | list[int], param: str = "prompt") -> list[int]:
+    """Token ids of a prompt (text through the checkpoint's tokenizer); 400 when it is empty, has
+    ids outside the vocabulary, or leaves no room to generate (the message gives the counts)."""
+    try:
+        return engine.engine.tokenize(prompt)
+    except ValueError as e:
+        raise bad_request(str(e), param=param) from None
+
+
+def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> int:
+    """max_tokens to run with: the one asked for, checked against the model's length, or (None)
+    all that is left of it."""
+    room = max_model_len - num_prompt_tokens
+    if max_tokens is None:
+        if room < 1:
+            raise bad_request(
+                f"the prompt has {num_prompt_tokens} tokens, and this model's maximum context length is "
+                f"{max_model_len}: no room is left to generate", param="messages")
+        return room
+    if num_prompt_tokens + max_tokens > max_model_len:
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the prompt, {max_tokens} for the "
+            f"completion). Please reduce the prompt or max_tokens.", param="max_tokens")
+    return max_tokens
+
+
+def sampling_params(
+    body: SamplingFields, max_tokens: int, vocab_size: int, max_num_seqs: int,
+    logprobs: int | None = None, prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    """SamplingParams for a request; every value it refuses becomes a 400 with its message."""
+    kwargs = {name: getattr(body, name) for name in _PASSED if getattr(body, name) is not None}
+    if body.logit_bias:
+        kwargs["logit_bias"] = body.logit_bias
+    if body.n > max_num_seqs:
+        raise bad_request(f"n={body.n} exceeds the server's --max-num-seqs={max_num_seqs}", param="n")
+    try:
+        params = SamplingParams(
+            **kwargs, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+        )
+        params.check_token_ids(vocab_size)
+    except ValueError as e:
+        raise bad_request(str(e)) from None
+    return params
+
+
+def refuse_response_format(response_format) -> None:
+    if response_format is not None and response_format.type != "text":
+        raise APIError(
+            400, f"response_format type {response_format.type!r} is not supported: tpserve has no constrained "
+            "(JSON) decoding yet. Leave response_format out, or use {\"type\": \"text\"}.",
+            param="response_format", code="unsupported_response_format",
+        )

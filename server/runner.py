@@ -1,0 +1,178 @@
+"""Running engine requests for the routes: admission, deadlines, merged streams, metrics.
+
+Admission bounds memory: at most `max_num_seqs + max_queued_requests` engine requests are in
+the server at once (those running, those waiting for a slot); one more is refused at once with
+429 and Retry-After, before anything is queued. A shutting-down server or a dead engine
+answers 503.
+
+A route that runs several engine requests (a completion with several prompts) reads them as one
+stream. Outputs are cumulative, so only the newest one of each request matters: a pump task
+per request keeps the latest, and the reader takes whatever changed since it last looked. A
+slow client therefore never makes outputs pile up in memory. Leaving the stream (a client gone,
+a deadline passed, an error) cancels the pumps, which aborts the engine requests and frees
+their KV blocks.
+
+    engine.generate(0) --pump--> latest[0] --\
+    engine.generate(1) --pump--> latest[1] ----> changed -> reader: {index: newest output}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from tpserve.engine.async_engine import AsyncLLMEngine
+from tpserve.engine.executor import EngineDeadError
+from tpserve.engine.outputs import RequestOutput
+from tpserve.engine.sampling_params import SamplingParams
+from tpserve.server.errors import APIError, engine_dead
+from tpserve.server.metrics import Metrics
+
+
+@dataclass
+class ServerConfig:
+    model_name: str  # the `model` clients name; requests naming another get 404
+    api_key: str | None = None
+    max_queued_requests: int = 256
+    max_request_bytes: int = 10 << 20
+    request_timeout: float | None = 600.0
+    shutdown_timeout: float = 30.0
+    ready_timeout: float = 30.0
+
+
+class Runner:
+    def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, metrics: Metrics) -> None:
+        self.engine = engine
+        self.config = config
+        self.metrics = metrics
+        self.capacity = engine.engine.config.max_num_seqs + config.max_queued_requests
+        self.active = 0  # engine requests admitted and not yet done
+        self.draining = False
+        self._ids = itertools.count()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.engine.max_model_len
+
+    def check_available(self) -> None:
+        if self.draining:
+            self.metrics.rejected.labels("shutting_down").inc()
+            raise APIError(503, "the server is shutting down and takes no new requests", code="shutting_down",
+                           headers={"Retry-After": "5"})
+        if not self.engine.is_healthy:
+            self.metrics.rejected.labels("engine_dead").inc()
+            raise engine_dead(self.engine.error)
+
+    def admit(self, count: int) -> None:
+        """Reserve `count` engine requests, or refuse the HTTP request (429/503)."""
+        self.check_available()
+        if self.active + count > self.capacity:
+            self.metrics.rejected.labels("queue_full").inc()
+            raise APIError(
+                429, f"the server is full: {self.active} requests are running or queued (at most "
+                f"{self.capacity}: --max-num-seqs plus --max-queued-requests); retry later",
+                code="queue_full", headers={"Retry-After": "1"},
+            )
+        self.active += count
+
+    def engine_ids(self, base: str, count: int) -> list[str]:
+        """Engine request ids: unique even when clients reuse an X-Request-Id."""
+        tag = f"{next(self._ids)}-{uuid.uuid4().hex[:6]}"
+        return [f"{base}-{tag}-{i}" for i in range(count)]
+
+    async def stream(
+        self, base_id: str, prompts: list[list[int]], params: list[SamplingParams]
+    ) -> AsyncIterator[dict[int, RequestOutput]]:
+        """Outputs of one engine request per prompt, as {prompt index: newest cumulative output}
+        for those that moved, until all have finished. Raises APIError 504 past the request
+        timeout and 503 when the engine dies; leaving early aborts what still runs."""
+        self.admit(len(prompts))
+        merged = _Merged(self.engine, self.engine_ids(base_id, len(prompts)), prompts, params)
+        timeout = self.config.request_timeout
+        deadline = time.monotonic() + timeout if timeout else None
+        try:
+            while True:
+                batch = await merged.next(deadline)
+                if batch is None:
+                    return
+                for out in batch.values():
+                    if out.finished:
+                        self.metrics.on_finished(out)
+                yield batch
+        except TimeoutError:
+            self.metrics.rejected.labels("timeout").inc()
+            raise APIError(504, f"the request did not finish within --request-timeout={timeout:g} s and was "
+                           "aborted", code="timeout") from None
+        except EngineDeadError as e:
+            raise engine_dead(str(e)) from None
+        finally:
+            merged.close()
+            self.active -= len(prompts)
+
+    async def final(self, base_id: str, prompts: list[list[int]], params: list[SamplingParams],
+                    is_disconnected=None) -> list[RequestOutput]:
+        """The finished outputs, in prompt order (non-streaming routes). `is_disconnected`, an
+        async callable, is asked every half second: a client gone aborts the requests."""
+        done: dict[int, RequestOutput] = {}
+
+        async def collect() -> None:
+            async for batch in self.stream(base_id, prompts, params):
+                done.update(batch)
+
+        task = asyncio.create_task(collect())
+        try:
+            while not task.done():
+                await asyncio.wait([task], timeout=0.5)
+                if not task.done() and is_disconnected is not None and await is_disconnected():
+                    task.cancel()
+                    raise APIError(499, "the client closed the connection", code="client_closed")
+            task.result()
+        finally:
+            task.cancel()
+        return [done[i] for i in range(len(prompts))]
+
+
+class _Merged:
+    def __init__(self, engine: AsyncLLMEngine, ids: list[str], prompts: list[list[int]],
+                 params: list[SamplingParams]) -> None:
+        self.latest: dict[int, RequestOutput] = {}
+        self.error: BaseException | None = None
+        self.num_done = 0
+        self.changed = asyncio.Event()
+        self.tasks = [
+            asyncio.create_task(self._pump(i, engine.generate(p, sp, rid)))
+            for i, (rid, p, sp) in enumerate(zip(ids, prompts, params))
+        ]
+
+    async def _pump(self, index: int, outputs: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in outputs:
+                self.latest[index] = out
+                self.changed.set()
+        except Exception as e:  # noqa: BLE001 - handed to the reader
+            self.error = self.error or e
+        finally:
+            self.num_done += 1
+            self.changed.set()
+
+    async def next(self, deadline: float | None) -> dict[int, RequestOutput] | None:
+        """What changed since the last call; None once every request has finished."""
+        while True:
+            if self.error is not None:
+                raise self.error
+            if self.latest:
+                batch, self.latest = self.latest, {}
+                return batch
+            if self.num_done == len(self.tasks):
+                return None
+            self.changed.clear()
+            remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            await asyncio.wait_for(self.changed.wait(), remaining)
+
+    def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()  # an unfinished engine.generate is closed: the request is aborted

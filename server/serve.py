@@ -1,0 +1,75 @@
+"""`tpserve serve`: start the engine (its workers), then uvicorn, then stop in order.
+
+SIGTERM or Ctrl-C: the server marks itself draining (/ready and new requests answer 503),
+uvicorn closes the listening socket and idle connections, requests in flight run on for up to
+--shutdown-timeout seconds; those still running then are cancelled (their engine requests
+aborted), the app's shutdown stops the engine and joins its workers, and the process exits 0.
+No worker outlives the server: they are its children, and the engine's shutdown kills any
+that do not stop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+
+import uvicorn
+
+from tpserve.engine.async_engine import AsyncLLMEngine
+from tpserve.engine.config import EngineConfig
+from tpserve.server.app import build_app
+from tpserve.server.runner import ServerConfig
+
+logger = logging.getLogger("tpserve.server")
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, telling the app at once when a stop signal arrives."""
+
+    def __init__(self, config: uvicorn.Config, runner) -> None:
+        super().__init__(config)
+        self.runner = runner
+
+    def handle_exit(self, sig, frame) -> None:
+        if not self.runner.draining:
+            logger.info("signal %d: draining (up to %g s for requests in flight)", sig,
+                        self.config.timeout_graceful_shutdown or 0)
+        self.runner.draining = True
+        super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        # uvicorn re-raises the signal after a graceful stop, which ends the process with
+        # 128 + signal; a drained stop is a clean exit, so the signal is only recorded.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+
+def serve(engine_config: EngineConfig, server_config: ServerConfig, host: str, port: int,
+          log_level: str = "info") -> None:
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logger.info("starting the engine: %s, tensor parallel size %d", engine_config.checkpoint,
+                engine_config.tensor_parallel_size)
+    engine = AsyncLLMEngine(engine_config)
+    try:
+        app = build_app(engine, server_config)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=server_config.shutdown_timeout,
+            access_log=log_level == "debug",
+        )
+        server = DrainingServer(config, app.state.runner)
+        logger.info("serving %s on http://%s:%d (max_model_len %d)", server_config.model_name, host, port,
+                    engine.engine.max_model_len)
+        server.run()
+    finally:
+        engine.shutdown()  # a no-op when the app's shutdown already stopped it
