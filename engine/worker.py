@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import os
+import signal
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
@@ -81,6 +82,10 @@ def _profile_activations(config: WorkerConfig, model: torch.nn.Module, device: t
 
 
 def worker_main(rank: int, config: WorkerConfig, conn) -> None:
+    # The server process owns shutdown. A Ctrl-C reaches the whole process group, and a rank
+    # killed by it would fail the requests the server is still draining; a worker stops on
+    # SHUTDOWN, on the executor's SIGTERM/SIGKILL, or on EOF once the server process is gone.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _serve(rank, config, conn)
     except BaseException:
