@@ -73,6 +73,44 @@ def paged_attention_reference(
     return out
 
 
+def paged_decode_attention_torch(
+    query: torch.Tensor,  # [b, n, d]: one new token per sequence
+    k_cache: torch.Tensor,  # [num_blocks, block_size, g, d]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, g, d]
+    context_lens: torch.Tensor,  # [b] int
+    block_tables: torch.Tensor,  # [b, max_blocks] int
+    softmax_scale: float,
+    max_context_len: int,
+    window_left: int | None = None,
+) -> torch.Tensor:
+    """A decode step of `paged_attention_reference`, batched: what the CPU runs.
+
+    The reference loops over sequences (one small attention each, per layer); here each
+    sequence's blocks are gathered into one padded [b, L, g, d] tensor (L = max_context_len
+    rounded up to a block) and one masked attention covers the batch.
+    """
+    b, n, d = query.shape
+    block_size, g = k_cache.shape[1], k_cache.shape[2]
+    num_blocks = -(-max_context_len // block_size)
+    blocks = block_tables[:, :num_blocks].long()  # [b, nb]
+    k = k_cache[blocks].view(b, num_blocks * block_size, g, d)  # [b, L, g, d], a gathered copy
+    v = v_cache[blocks].view(b, num_blocks * block_size, g, d)
+    k_pos = torch.arange(num_blocks * block_size, device=query.device)
+    last = (context_lens - 1).long()[:, None]  # the query's position
+    mask = k_pos[None, :] <= last  # [b, L]: past the context are other sequences' or stale slots
+    if window_left is not None and window_left >= 0:
+        mask &= k_pos[None, :] >= last - window_left
+    out = F.scaled_dot_product_attention(
+        query[:, :, None].float(),  # [b, n, 1, d]
+        k.transpose(1, 2).float(),  # [b, g, L, d]
+        v.transpose(1, 2).float(),
+        attn_mask=mask[:, None, None, :],  # [b, 1, 1, L]
+        scale=softmax_scale,
+        enable_gqa=n != g,
+    )  # [b, n, 1, d]
+    return out[:, :, 0].to(query.dtype)
+
+
 def varlen_attention_reference(
     query: torch.Tensor,  # [t, n, d]
     key: torch.Tensor,  # [t, g, d]

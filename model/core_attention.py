@@ -18,6 +18,7 @@ from torch import nn
 from tpserve.kernels.attention import (
     paged_attention,
     paged_attention_reference,
+    paged_decode_attention_torch,
     varlen_attention,
     varlen_attention_reference,
 )
@@ -82,6 +83,12 @@ class TorchDotProductAttention(_CoreAttention):
             raise RuntimeError("inference_params were given but no KV cache is bound; call GPTModel.bind_kv_cache")
         k_cache, v_cache = self.kv_cache
         store_kv_reference(key, value, k_cache, v_cache, inference_params.slot_mapping)
+        if packed_seq_params.max_seqlen_q == 1 and t == inference_params.context_lens.numel():
+            # A decode step (one token per sequence): one batched attention, not a loop.
+            return paged_decode_attention_torch(
+                query, k_cache, v_cache, inference_params.context_lens, inference_params.block_tables,
+                self.softmax_scale, inference_params.max_context_len, self.window_left,
+            )
         return paged_attention_reference(
             query,
             k_cache,
