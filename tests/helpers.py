@@ -115,7 +115,7 @@ class PagedStepper:
         self.tables: dict[object, list[int]] = {}
         self.lens: dict[object, int] = {}
         self.params = InferenceParams(
-            max_num_seqs=16, max_num_tokens=max_num_tokens, max_blocks_per_seq=num_blocks, block_size=block_size
+            max_num_seqs=128, max_num_tokens=max_num_tokens, max_blocks_per_seq=num_blocks, block_size=block_size
         )
 
     @torch.no_grad()
