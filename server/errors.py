@@ -63,6 +63,9 @@ def engine_dead(error: str | None) -> APIError:
                     headers={"Retry-After": "30"})
 
 
+_TYPE_NAMES = {"str", "int", "float", "bool", "none", "dict", "list"}
+
+
 def validation_message(errors: list[dict]) -> str:
     """pydantic's errors as one line: `temperature: Input should be >= 0 (got -1)`.
 
@@ -74,8 +77,9 @@ def validation_message(errors: list[dict]) -> str:
             reason = (e.get("ctx") or {}).get("error", "")
             return f"the request body is not valid JSON: {reason}".rstrip(": ")
         loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        # Union members show up as extra path items (`prompt.list[int].0`); keep the field path.
-        field = ".".join(x for x in loc if not x.startswith(("list[", "str", "int", "function-")))
+        # Union members show up as extra path items (`prompt.list[int].0`, `content.TextPart`);
+        # keep the field path.
+        field = ".".join(x for x in loc if not ("[" in x or x[:1].isupper() or x in _TYPE_NAMES))
         if field in parts:
             continue
         message = e.get("msg", "invalid value")

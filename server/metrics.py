@@ -32,6 +32,9 @@ class Metrics:
                                 "sample", ["finish_reason"], registry=r)
         self.rejected = Counter("tpserve_requests_rejected", "Requests refused or cut short by the server",
                                 ["reason"], registry=r)
+        self.aborted = Counter("tpserve_requests_aborted", "Engine requests aborted before they finished: "
+                               "cancelled (client gone, server stopping), timeout, engine_dead, error", ["reason"],
+                               registry=r)
         self.prompt_tokens = Counter("tpserve_prompt_tokens", "Prompt tokens of finished requests", registry=r)
         self.cached_prompt_tokens = Counter("tpserve_cached_prompt_tokens", "Prompt tokens served from the prefix "
                                             "cache", registry=r)

@@ -94,6 +94,7 @@ class Runner:
         merged = _Merged(self.engine, self.engine_ids(base_id, len(prompts)), prompts, params)
         timeout = self.config.request_timeout
         deadline = time.monotonic() + timeout if timeout else None
+        ended = "cancelled"  # why unfinished requests are aborted: a client gone, a server stopping
         try:
             while True:
                 batch = await merged.next(deadline)
@@ -104,13 +105,22 @@ class Runner:
                         self.metrics.on_finished(out)
                 yield batch
         except TimeoutError:
-            self.metrics.rejected.labels("timeout").inc()
+            ended = "timeout"
             raise APIError(504, f"the request did not finish within --request-timeout={timeout:g} s and was "
                            "aborted", code="timeout") from None
         except EngineDeadError as e:
+            ended = "engine_dead"
             raise engine_dead(str(e)) from None
+        except ValueError as e:  # the engine refused the request (checked there too)
+            ended = "error"
+            raise APIError(400, str(e)) from None
+        except Exception:
+            ended = "error"
+            raise
         finally:
-            merged.close()
+            unfinished = merged.close()
+            if unfinished:
+                self.metrics.aborted.labels(ended).inc(unfinished)
             self.active -= len(prompts)
 
     async def final(self, base_id: str, prompts: list[list[int]], params: list[SamplingParams],
@@ -142,6 +152,7 @@ class _Merged:
         self.latest: dict[int, RequestOutput] = {}
         self.error: BaseException | None = None
         self.num_done = 0
+        self.num_finished = 0
         self.changed = asyncio.Event()
         self.tasks = [
             asyncio.create_task(self._pump(i, engine.generate(p, sp, rid)))
@@ -152,6 +163,7 @@ class _Merged:
         try:
             async for out in outputs:
                 self.latest[index] = out
+                self.num_finished += out.finished
                 self.changed.set()
         except Exception as e:  # noqa: BLE001 - handed to the reader
             self.error = self.error or e
@@ -173,6 +185,9 @@ class _Merged:
             remaining = None if deadline is None else max(deadline - time.monotonic(), 0.0)
             await asyncio.wait_for(self.changed.wait(), remaining)
 
-    def close(self) -> None:
+    def close(self) -> int:
+        """Cancel what still runs (an unfinished engine.generate, closed, aborts its request and
+        frees its blocks); how many requests had not finished."""
         for task in self.tasks:
-            task.cancel()  # an unfinished engine.generate is closed: the request is aborted
+            task.cancel()
+        return len(self.tasks) - self.num_finished

@@ -1,0 +1,150 @@
+"""Servers for the HTTP tests: `tpserve serve` as a real subprocess on 127.0.0.1 and a free port.
+
+One tiny random checkpoint (Llama, vocab ~300, ChatML template) for the session; the shared
+`server` is started once for the session, and modules that need other flags (limits, fuzzing,
+shutdown) start their own.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from helpers import random_checkpoint
+
+MAX_MODEL_LEN = 128
+KV_CACHE = "8MB"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children(pid: int) -> list[int]:
+    """Live (non-zombie) child processes of `pid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class ServerProcess:
+    def __init__(self, checkpoint: Path, log_path: Path, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        args = [sys.executable, "-m", "tpserve.server.cli", "serve", "--checkpoint", str(checkpoint),
+                "--port", str(self.port), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", KV_CACHE,
+                "--served-model-name", "tiny", "--log-level", "warning", *flags]
+        self.log = open(log_path, "w")
+        # Its own session: a signal for the server never reaches the test process, and ours never it.
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self._wait_up()
+        self.worker_pids = children(self.proc.pid)
+
+    def _wait_up(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log_text()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"the server did not come up in {timeout} s:\n{self.log_text()}")
+
+    def log_text(self) -> str:
+        self.log.flush()
+        return Path(self.log_path).read_text()
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """The value of one sample of /metrics, e.g. metric("tpserve_kv_cache_usage_ratio")."""
+        text = httpx.get(self.url + "/metrics", timeout=10).text
+        key = f"{name}{{{labels}}}" if labels else name
+        for line in text.splitlines():
+            if line.startswith(key + " "):
+                return float(line.split()[-1])
+        return 0.0
+
+    def terminate(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        self.terminate()
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            code = self.proc.wait()
+        for pid in self.worker_pids:  # never leave a worker behind, even when a test failed
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.log.close()
+        return code
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    path, _ = random_checkpoint(tmp_path_factory.mktemp("server_ckpt"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def start_server(tiny_ckpt, tmp_path_factory):
+    """start_server(*flags) -> a running ServerProcess on the tiny checkpoint, stopped at the end."""
+    started = []
+
+    def start(*flags: str, checkpoint: Path | None = None) -> ServerProcess:
+        log = tmp_path_factory.mktemp("server_log") / "server.log"
+        server = ServerProcess(checkpoint or tiny_ckpt, log, *flags)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(start_server) -> ServerProcess:
+    """The shared server: default limits, no API key."""
+    return start_server()
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_ckpt):
+    """The `LLM` API on the same checkpoint and length: what the server's answers must equal."""
+    from tpserve import LLM
+
+    llm = LLM(tiny_ckpt, max_model_len=MAX_MODEL_LEN, kv_cache_memory=8 << 20)
+    yield llm
+    llm.shutdown()
