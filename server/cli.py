@@ -20,7 +20,7 @@ sources (--from):
   hf        a Hugging Face model folder (config.json, model.safetensors or sharded
             model-*.safetensors with an index, tokenizer files): GPT-2, Llama (SmolLM2 ...),
             Mistral, Qwen2, StableLM
-  gguf      a GGUF file (llama architecture), dequantized; its tokenizer is rebuilt from the
+  gguf      a GGUF file (llama or gpt2 architecture), dequantized; its tokenizer is rebuilt from the
             file's metadata
   megatron  a Megatron-LM save folder or one iteration folder: Megatron-Core torch_dist
             checkpoints, or legacy mp_rank_XX/model_optim_rng.pt files merged across TP ranks
