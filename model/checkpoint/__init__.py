@@ -7,6 +7,7 @@
 
 from tpserve.model.checkpoint.convert_gguf import convert_gguf
 from tpserve.model.checkpoint.convert_hf import convert_hf
+from tpserve.model.checkpoint.convert_megatron import convert_megatron
 from tpserve.model.checkpoint.default_model import prepare_default_model
 from tpserve.model.checkpoint.export_hf import export_hf
 from tpserve.model.checkpoint.format import CheckpointError, CheckpointInfo, TokenizerInfo, read_checkpoint_info
@@ -19,6 +20,7 @@ __all__ = [
     "TokenizerInfo",
     "convert_gguf",
     "convert_hf",
+    "convert_megatron",
     "export_hf",
     "load_model",
     "prepare_default_model",

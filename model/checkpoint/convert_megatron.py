@@ -16,12 +16,6 @@ import torch
 from tpserve.model.checkpoint.format import CheckpointError
 from tpserve.model.checkpoint.legacy_megatron import is_legacy, merge_legacy, read_rank_files, resolve_iteration
 from tpserve.model.checkpoint.megatron_args import gpt_config_from_megatron_args, read_megatron_args_file
-from tpserve.model.checkpoint.torch_dist import (
-    is_torch_dist,
-    megatron_args_from_common,
-    read_torch_dist,
-    unstack_layers,
-)
 from tpserve.model.checkpoint.writer import save_checkpoint
 
 
@@ -33,6 +27,9 @@ def _stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
 def read_megatron(src: str | Path, allow_pickle: bool = False, megatron_args: str | Path | None = None,
                   vocab_size: int | None = None):
     """(GPTModelConfig, Megatron-named full tensors) of a Megatron checkpoint folder."""
+    # torch.distributed.checkpoint takes ~1 s to import: only conversions pay for it, not workers.
+    from tpserve.model.checkpoint.torch_dist import is_torch_dist, megatron_args_from_common, read_torch_dist, unstack_layers
+
     folder = resolve_iteration(Path(src))
     given = read_megatron_args_file(megatron_args) if megatron_args else None
     where = str(megatron_args) if megatron_args else f"{folder} (stored args)"

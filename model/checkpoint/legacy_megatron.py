@@ -24,6 +24,7 @@ columns of row-parallel ones), so merging is concatenation, except for two layou
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,9 @@ _LAYER = {
     "mlp.dense_h_to_4h": ("mlp.linear_fc1", 0),
     "mlp.dense_4h_to_h": ("mlp.linear_fc2", 1),
 }
+
+
+_LAYER_KEY = re.compile(r"layers\.(\d+)\.(.+)")
 
 
 def resolve_iteration(folder: Path) -> Path:
@@ -129,13 +133,14 @@ def merge_legacy(states: list[dict], config: GPTModelConfig, where: Path) -> dic
     for key in layers[0]:
         if "_extra_state" in key:
             continue
-        name, _, kind = key.rpartition(".")  # e.g. "layers.3.mlp.dense_h_to_4h", "weight"
+        name, _, kind = key.rpartition(".")  # "layers.3.mlp.dense_h_to_4h", "weight"
         if name in ("final_layernorm", "final_norm"):
             out[f"decoder.final_layernorm.{kind}"] = layers[0][key]
             continue
-        prefix, _, op = name.partition(".")[2].partition(".")  # "3", "mlp.dense_h_to_4h"
-        if not name.startswith("layers.") or op not in _LAYER:
+        match = _LAYER_KEY.fullmatch(name)
+        if match is None or match.group(2) not in _LAYER:
             raise CheckpointError(f"{where}: tensor {key!r} is not part of a Megatron-LM GPT layer")
+        prefix, op = match.groups()  # "3", "mlp.dense_h_to_4h"
         target, dim = _LAYER[op]
         pieces = [layer[key] for layer in layers]
         if op.endswith("query_key_value"):
