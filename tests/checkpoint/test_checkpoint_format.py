@@ -180,3 +180,12 @@ def test_tensor_parallel_size_that_does_not_divide_the_heads(checkpoint):
     object.__setattr__(fake, "group", None)
     with pytest.raises(CheckpointError, match=r"cannot load at tensor_model_parallel_size=3: .*not divisible.*sizes that work for this model: \[1, 2, 4\]"):
         load_model(checkpoint, fake, progress=False)
+
+
+def test_stored_shape_that_does_not_fit_the_config_is_named_at_load(checkpoint):
+    path = checkpoint / "config.json"
+    raw = json.loads(path.read_text())
+    raw["model"]["transformer"]["ffn_hidden_size"] = 128  # the tensors hold 96
+    path.write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=r"decoder\.layers\.0\.mlp\.linear_fc1\.weight: stored shape \[192, 64\], the model needs \[256, 64\]"):
+        load_model(checkpoint, progress=False)
