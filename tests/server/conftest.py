@@ -45,6 +45,15 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def is_worker(pid: int) -> bool:
+    """A spawned engine worker (not multiprocessing's resource tracker)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"spawn_main" in f.read()
+    except OSError:
+        return False
+
+
 def alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -54,7 +63,7 @@ def alive(pid: int) -> bool:
 
 
 class ServerProcess:
-    def __init__(self, checkpoint: Path, log_path: Path, *flags: str) -> None:
+    def __init__(self, checkpoint: Path, log_path: Path, *flags: str, wait: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -64,10 +73,16 @@ class ServerProcess:
         self.log = open(log_path, "w")
         # Its own session: a signal for the server never reaches the test process, and ours never it.
         self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self._wait_up()
-        self.worker_pids = children(self.proc.pid)
+        self.worker_pids: list[int] = []
+        if wait:
+            self.wait_up()
 
-    def _wait_up(self, timeout: float = 180.0) -> None:
+    def wait_up(self, timeout: float = 180.0) -> None:
+        """Until /health answers; servers started with wait=False load side by side meanwhile."""
+        self._wait_health(timeout)
+        self.worker_pids = [pid for pid in children(self.proc.pid) if is_worker(pid)]
+
+    def _wait_health(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -93,6 +108,17 @@ class ServerProcess:
             if line.startswith(key + " "):
                 return float(line.split()[-1])
         return 0.0
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Until no request runs and no KV block is held (aborts are asynchronous)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if (self.metric("tpserve_kv_cache_usage_ratio") == 0.0
+                    and self.metric("tpserve_num_requests_in_server") == 0.0
+                    and self.metric("tpserve_num_running_sequences") == 0.0):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"still busy after {timeout} s:\n" + httpx.get(self.url + "/metrics").text)
 
     def terminate(self) -> None:
         if self.proc.poll() is None:
@@ -120,16 +146,19 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def start_server(tiny_ckpt, tmp_path_factory):
-    """start_server(*flags) -> a running ServerProcess on the tiny checkpoint, stopped at the end."""
+    """start_server(*flags) -> a running ServerProcess on the tiny checkpoint, stopped at the end
+    (wait=False: started, not yet up; call its wait_up())."""
     started = []
 
-    def start(*flags: str, checkpoint: Path | None = None) -> ServerProcess:
+    def start(*flags: str, checkpoint: Path | None = None, wait: bool = True) -> ServerProcess:
         log = tmp_path_factory.mktemp("server_log") / "server.log"
-        server = ServerProcess(checkpoint or tiny_ckpt, log, *flags)
+        server = ServerProcess(checkpoint or tiny_ckpt, log, *flags, wait=wait)
         started.append(server)
         return server
 
     yield start
+    for server in started:  # all at once: each takes a second or two to drain and exit
+        server.terminate()
     for server in started:
         server.stop()
 

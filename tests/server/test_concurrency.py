@@ -4,7 +4,6 @@ clients that go away mid-request leave no KV blocks behind."""
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import openai
@@ -43,17 +42,6 @@ def test_64_concurrent_streams_each_equal_the_request_alone(server):
     assert any(chunks > 2 for _, _, chunks in results)  # really streamed, not one blob
 
 
-def wait_until_idle(server, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if (server.metric("tpserve_kv_cache_usage_ratio") == 0.0
-                and server.metric("tpserve_num_requests_in_server") == 0.0
-                and server.metric("tpserve_num_running_sequences") == 0.0):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"still busy after {timeout} s:\n" + httpx.get(server.url + "/metrics").text)
-
-
 def test_clients_leaving_mid_request_free_their_kv_blocks(server):
     aborted_before = server.metric("tpserve_requests_aborted_total", 'reason="cancelled"')
     long = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 100, "ignore_eos": True, "stream": True}
@@ -77,7 +65,7 @@ def test_clients_leaving_mid_request_free_their_kv_blocks(server):
                                  *(leave_a_plain_request(client) for _ in range(2)))
 
     asyncio.run(main())
-    wait_until_idle(server)
+    server.wait_idle()
     assert server.metric("tpserve_requests_aborted_total", 'reason="cancelled"') >= aborted_before + 8
     # The server is fine afterwards.
     r = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)
