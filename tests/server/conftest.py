@@ -63,16 +63,20 @@ def alive(pid: int) -> bool:
 
 
 class ServerProcess:
-    def __init__(self, checkpoint: Path, log_path: Path, *flags: str, wait: bool = True) -> None:
+    def __init__(self, checkpoint: Path | None, log_path: Path, *flags: str, wait: bool = True,
+                 env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        args = [sys.executable, "-m", "tpserve.server.cli", "serve", "--checkpoint", str(checkpoint),
-                "--port", str(self.port), "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", KV_CACHE,
-                "--served-model-name", "tiny", "--log-level", "warning", *flags]
+        args = [sys.executable, "-m", "tpserve.server.cli", "serve", "--port", str(self.port),
+                "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", KV_CACHE, "--served-model-name", "tiny",
+                "--log-level", "warning", *flags]
+        if checkpoint is not None:  # None: the default model
+            args += ["--checkpoint", str(checkpoint)]
         self.log = open(log_path, "w")
         # Its own session: a signal for the server never reaches the test process, and ours never it.
-        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
         self.worker_pids: list[int] = []
         if wait:
             self.wait_up()
@@ -150,9 +154,10 @@ def start_server(tiny_ckpt, tmp_path_factory):
     (wait=False: started, not yet up; call its wait_up())."""
     started = []
 
-    def start(*flags: str, checkpoint: Path | None = None, wait: bool = True) -> ServerProcess:
+    def start(*flags: str, checkpoint: Path | None = tiny_ckpt, wait: bool = True, env: dict | None = None
+              ) -> ServerProcess:
         log = tmp_path_factory.mktemp("server_log") / "server.log"
-        server = ServerProcess(checkpoint or tiny_ckpt, log, *flags, wait=wait)
+        server = ServerProcess(checkpoint, log, *flags, wait=wait, env=env)
         started.append(server)
         return server
 
