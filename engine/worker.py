@@ -102,8 +102,11 @@ def _serve(rank: int, config: WorkerConfig, conn) -> None:
         backend = "nccl"
     else:
         device = torch.device("cpu")
-        # The host's cores are shared by the ranks (2 // tp on a 2-core machine, at least 1).
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.world_size))
+        # The host's cores are shared by the ranks (2 // tp on a 2-core machine, at least 1),
+        # unless OMP_NUM_THREADS, torch's own knob, says otherwise: on a shared host, fewer
+        # threads than cores avoid OpenMP waiting on a core another process holds.
+        threads = os.environ.get("OMP_NUM_THREADS")
+        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // config.world_size))
         backend = "gloo"
     ps = initialize_model_parallel(rank, config.world_size, config.init_method, backend)
     model = load_model(config.checkpoint, ps, device=device, dtype=config.dtype, parallel_output=False)
