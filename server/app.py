@@ -22,7 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from tpserve.engine.async_engine import AsyncLLMEngine
 from tpserve.engine.executor import EngineDeadError
 from tpserve.engine.sampling_params import SamplingParams
-from tpserve.server import generate_api, megatron_api, openai_api
+from tpserve.server import chat_api, completions_api, generate_api, megatron_api, openai_api
 from tpserve.server.errors import APIError, engine_dead, install_error_handlers
 from tpserve.server.metrics import Metrics
 from tpserve.server.middleware import AuthMiddleware, BodyGuardMiddleware, HTTPMetricsMiddleware, RequestIdMiddleware
@@ -56,6 +56,8 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig, shutdown_engine: boo
     app.state.token_text = openai_api.TokenText(engine.tokenizer)
     app.state.started = time.time()
     install_error_handlers(app)
+    app.include_router(completions_api.router)
+    app.include_router(chat_api.router)
     app.include_router(openai_api.router)
     app.include_router(generate_api.router)
     app.include_router(megatron_api.router)

@@ -52,7 +52,6 @@ class SamplingFields(Strict):
 
 class StreamOptions(Strict):
     include_usage: bool = False
-    continuous_usage_stats: bool = False
 
 
 class ResponseFormat(BaseModel):

@@ -1,0 +1,161 @@
+"""POST /v1/chat/completions, OpenAI's chat, through the checkpoint's chat template.
+
+Streamed as OpenAI streams it: for each choice a first chunk with the role
+(`{"role": "assistant", "content": ""}`), then content deltas, then an empty delta with the
+`finish_reason` (null in every chunk before); `stream_options.include_usage` adds a last chunk
+with no choices and the usage; `data: [DONE]` ends the stream.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import APIRouter, Request
+from jinja2 import TemplateError
+
+from tpserve.engine.outputs import RequestOutput
+from tpserve.engine.sequence import Logprob
+from tpserve.server.errors import bad_request
+from tpserve.server.openai_api import TokenText, check_model, finite, runner_of, usage
+from tpserve.server.params import refuse_response_format, resolve_max_tokens, sampling_params, tokenize
+from tpserve.server.protocol import ChatCompletionRequest
+from tpserve.server.runner import Runner
+from tpserve.server.streaming import event_stream, sse
+
+router = APIRouter()
+
+
+def chat_prompt(body: ChatCompletionRequest, tokenizer) -> str:
+    """The prompt text: the messages through the checkpoint's chat template."""
+    messages = []
+    for k, m in enumerate(body.messages):
+        message = m.model_dump(exclude_none=True)
+        if isinstance(m.content, list):
+            texts = []
+            for part in m.content:
+                if part.type != "text":
+                    raise bad_request(f"messages[{k}]: content parts of type {part.type!r} are not supported; "
+                                      "this model takes text only", param="messages")
+                texts.append(part.text)
+            message["content"] = "\n".join(texts)
+        messages.append(message)
+    if tokenizer.chat_template is None:
+        raise bad_request("this model's checkpoint has no chat template: use /v1/completions")
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
+            continue_final_message=body.continue_final_message,
+        )
+    except (TemplateError, ValueError, TypeError) as e:
+        raise bad_request(f"the chat template could not render these messages: {e}", param="messages") from None
+
+
+def chat_logprobs(entries: list[Logprob], token_ids: list[int], text: TokenText) -> list[dict]:
+    def item(token_id: int, logprob: float) -> dict:
+        piece = text(token_id)
+        return {"token": piece, "logprob": finite(logprob), "bytes": list(piece.encode("utf-8"))}
+
+    return [{**item(t, e.logprob), "top_logprobs": [item(a, lp) for a, lp in e.top.items()]}
+            for t, e in zip(token_ids, entries)]
+
+
+class _ChatJob:
+    def __init__(self, body: ChatCompletionRequest, runner: Runner, request_id: str, text: TokenText) -> None:
+        check_model(runner, body.model)
+        refuse_response_format(body.response_format)
+        if body.tools:
+            raise bad_request("tools are not supported yet (no tool-call parsing); leave tools out", param="tools")
+        if body.tool_choice not in (None, "none", "auto"):
+            raise bad_request(f"tool_choice={body.tool_choice!r} needs tools, which are not supported yet",
+                              param="tool_choice")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
+        if body.stream_options is not None and not body.stream:
+            raise bad_request("stream_options is only allowed with stream=true", param="stream_options")
+        self.body, self.runner = body, runner
+        self.id = f"chatcmpl-{request_id}"
+        self.created = int(time.time())
+        self.text = text
+        tokenizer = runner.engine.tokenizer
+        prompt = chat_prompt(body, tokenizer)
+        # The template writes any special tokens itself; the tokenizer must not add another BOS.
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        self.prompt_ids = tokenize(runner.engine, ids, param="messages")
+        engine = runner.engine.engine
+        asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens = resolve_max_tokens(len(self.prompt_ids), asked, engine.max_model_len)
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        self.params = sampling_params(body, max_tokens, engine.vocab_size, engine.config.max_num_seqs,
+                                      logprobs=logprobs)
+        self.sent_text: dict[int, int] = {}
+        self.sent_tokens: dict[int, int] = {}
+        self.done: set[int] = set()
+        self.last: RequestOutput | None = None
+
+    def response(self, out: RequestOutput) -> dict:
+        choices = [{
+            "index": o.index,
+            "message": {"role": "assistant", "content": o.text},
+            "logprobs": {"content": chat_logprobs(o.logprobs or [], o.token_ids, self.text)} if self.body.logprobs
+            else None,
+            "finish_reason": o.finish_reason,
+            "stop_reason": o.stop_reason,
+        } for o in out.outputs]
+        return {"id": self.id, "object": "chat.completion", "created": self.created,
+                "model": self.runner.config.model_name, "choices": choices, "usage": usage([out])}
+
+    @property
+    def _include_usage(self) -> bool:
+        return self.body.stream_options is not None and self.body.stream_options.include_usage
+
+    def _chunk(self, index: int, delta: dict, logprobs=None, finish: str | None = None, stop_reason=None) -> str:
+        choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = stop_reason
+        payload = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                   "model": self.runner.config.model_name, "choices": [choice]}
+        if self._include_usage:
+            payload["usage"] = None
+        return sse(payload)
+
+    def render(self, batch: dict[int, RequestOutput]) -> list[str]:
+        out = batch[0]
+        self.last = out
+        lines = []
+        for o in out.outputs:
+            if o.index in self.done:
+                continue
+            if o.index not in self.sent_text:  # OpenAI's first chunk: the role, no content yet
+                lines.append(self._chunk(o.index, {"role": "assistant", "content": ""}))
+                self.sent_text[o.index] = self.sent_tokens[o.index] = 0
+            text = o.text[self.sent_text[o.index]:]
+            new_ids = o.token_ids[self.sent_tokens[o.index]:]
+            if text or (new_ids and self.body.logprobs):
+                logprobs = None
+                if self.body.logprobs:
+                    entries = (o.logprobs or [])[self.sent_tokens[o.index]:]
+                    logprobs = {"content": chat_logprobs(entries, new_ids, self.text)}
+                lines.append(self._chunk(o.index, {"content": text}, logprobs))
+            self.sent_text[o.index], self.sent_tokens[o.index] = len(o.text), len(o.token_ids)
+            if o.finished:
+                self.done.add(o.index)
+                lines.append(self._chunk(o.index, {}, None, o.finish_reason, o.stop_reason))
+        return lines
+
+    def end(self) -> list[str]:
+        if not self._include_usage or self.last is None:
+            return []
+        return [sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                     "model": self.runner.config.model_name, "choices": [], "usage": usage([self.last])})]
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    runner = runner_of(request)
+    runner.check_available()
+    job = _ChatJob(body, runner, request.state.request_id, request.app.state.token_text)
+    if body.stream:
+        outputs = runner.stream(job.id, [job.prompt_ids], [job.params])
+        return await event_stream(outputs, job.render, job.end)
+    (out,) = await runner.final(job.id, [job.prompt_ids], [job.params], request.is_disconnected)
+    return job.response(out)
