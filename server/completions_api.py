@@ -74,6 +74,7 @@ class _CompletionJob:
             prompts = list(prompt)
         if not prompts:
             raise bad_request("the prompt is empty", param="prompt")
+        runner.check_batch(len(prompts))
         self.prompt_ids = [tokenize(runner.engine, p) for p in prompts]
         self.prompt_texts = [p if isinstance(p, str) else runner.engine.tokenizer.decode(p) for p in prompts]
         self.scoring = body.max_tokens == 0

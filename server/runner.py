@@ -67,9 +67,16 @@ class Runner:
             self.metrics.rejected.labels("engine_dead").inc()
             raise engine_dead(self.engine.error)
 
+    def check_batch(self, count: int) -> None:
+        """A batch that could never be admitted, even into an idle server, is a client error."""
+        if count > self.capacity:
+            raise APIError(400, f"a batch of {count} prompts exceeds what this server holds at once ({self.capacity}: "
+                           "--max-num-seqs plus --max-queued-requests); split it", param="prompt")
+
     def admit(self, count: int) -> None:
-        """Reserve `count` engine requests, or refuse the HTTP request (429/503)."""
+        """Reserve `count` engine requests, or refuse the HTTP request (400/429/503)."""
         self.check_available()
+        self.check_batch(count)
         if self.active + count > self.capacity:
             self.metrics.rejected.labels("queue_full").inc()
             raise APIError(

@@ -23,6 +23,7 @@ CASES = [
     ("POST", "/v1/completions", {"prompt": []}, 400, "the prompt is empty"),
     ("POST", "/v1/completions", {"prompt": [5, 99999]}, 400, "outside the vocabulary"),
     ("POST", "/v1/completions", {"prompt": [5, -1]}, 400, "prompt"),
+    ("POST", "/v1/completions", {"prompt": [[5, 6]] * 513}, 400, "a batch of 513 prompts exceeds"),
     ("POST", "/v1/completions", {"max_tokens": 3}, 400, "prompt: this field is required"),
     ("POST", "/v1/completions", {"prompt": "hi", "max_token": 3}, 400, "max_token: unrecognized request argument"),
     ("POST", "/v1/completions", {"prompt": "hi", "n": 0}, 400, "n: Input should be greater than or equal to 1"),
