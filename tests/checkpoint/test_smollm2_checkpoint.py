@@ -23,7 +23,7 @@ from tpserve.model.parallel_state import ParallelState
 pytestmark = pytest.mark.slow
 
 GOLDEN = json.loads((Path(__file__).parent.parent / "fixtures" / "smollm2_greedy.json").read_text())
-# Eight prompts (plain and chat) in one packed batch; tests/model/test_smollm2.py runs them all.
+# Eight prompts (plain and chat) in one packed batch; tests/model/test_smollm2_greedy.py runs them all.
 CASES = [c for c in GOLDEN["cases"] if not c["chat"]][:4] + [c for c in GOLDEN["cases"] if c["chat"]][:4]
 PROMPTS = [case["input_ids"] for case in CASES]
 
