@@ -23,17 +23,21 @@ class StreamReader(threading.Thread):
         self.url, self.body = url, {**body, "ignore_eos": True, "stream": True}
         self.events: list[dict] = []
         self.status: int | None = None
+        self.headers: dict = {}
+        self.answer = ""  # a refusal's JSON body
         self.error: Exception | None = None
         self.first = threading.Event()
 
     def run(self) -> None:
         try:
             with httpx.stream("POST", self.url + "/generate", json=self.body, timeout=120) as r:
-                self.status = r.status_code
+                self.status, self.headers = r.status_code, dict(r.headers)
                 for line in r.iter_lines():
                     if line.startswith("data: "):
                         self.events.append(json.loads(line[6:]))
                         self.first.set()
+                    else:
+                        self.answer += line
         except httpx.HTTPError as e:  # the server closed the connection mid-stream
             self.error = e
         finally:
@@ -98,25 +102,25 @@ def test_sigterm_drains_requests_in_flight(servers):
 
 def test_a_full_queue_answers_429(servers):
     server = servers["small"]  # one running and one queued at most
-    running = StreamReader(server.url, {"prompt": "one", "max_tokens": 80}).started()
-    queued = StreamReader(server.url, {"prompt": "two", "max_tokens": 8})
-    queued.start()
-    wait_for(lambda: server.metric("tpserve_num_requests_in_server") == 2, what="two requests in the server")
-    r = httpx.post(server.url + "/generate", json={"prompt": "three", "max_tokens": 1}, timeout=60)
-    assert r.status_code == 429 and r.headers["retry-after"] == "1"
-    assert "the server is full" in r.json()["error"]["message"]
-    running.join(120)
-    queued.join(120)
-    assert running.finished and queued.finished
-    assert server.metric("tpserve_requests_rejected_total", 'reason="queue_full"') == 1
+    # Six at once: two fit, the others are refused at once (long before 120 tokens are out).
+    readers = [StreamReader(server.url, {"prompt": f"Full {i}", "max_tokens": 120}) for i in range(6)]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join(120)
+    refused = [r for r in readers if r.status == 429]
+    assert refused and all(r.finished for r in readers if r not in refused)
+    for r in refused:
+        assert r.headers["retry-after"] == "1" and "the server is full" in json.loads(r.answer)["error"]["message"]
+    assert server.metric("tpserve_requests_rejected_total", 'reason="queue_full"') == len(refused)
 
 
 def test_sigterm_aborts_what_outlives_the_shutdown_timeout(servers):
     server = servers["small"]  # --shutdown-timeout 0.2
-    first = StreamReader(server.url, {"prompt": "one", "max_tokens": 120}).started()
-    second = StreamReader(server.url, {"prompt": "two", "max_tokens": 120})
+    first, second = (StreamReader(server.url, {"prompt": p, "max_tokens": 120}) for p in ("one", "two"))
+    first.start()
     second.start()
-    wait_for(lambda: server.metric("tpserve_num_requests_in_server") == 2, what="two requests in the server")
+    assert first.first.wait(60) or second.first.wait(60)
     server.terminate()
     assert server.proc.wait(30) == 0
     for reader in (first, second):
