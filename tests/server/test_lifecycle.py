@@ -12,7 +12,7 @@ import time
 
 import httpx
 import pytest
-from conftest import alive
+from server_process import alive
 
 
 class StreamReader(threading.Thread):
