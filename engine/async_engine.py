@@ -106,7 +106,9 @@ class AsyncLLMEngine:
                 except ValueError as e:
                     self._push(request_id, e)
             elif command[0] == "abort":
-                self.engine.abort_request(command[1])
+                final = self.engine.abort_request(command[1])
+                if final is not None:  # a reader still waiting gets the end: finish_reason "abort"
+                    self._push(command[1], final)
 
     def _run(self) -> None:
         try:

@@ -61,6 +61,13 @@ def test_streams_abort_and_shutdown(random_ckpt):
             assert not engine.engine.has_unfinished_requests()
             with pytest.raises(ValueError, match="prompt is empty"):
                 await collect(engine, "", greedy)
+            # An abort from elsewhere (a timeout, an admin) ends a reader's stream, not hangs it.
+            outs = []
+            async for out in engine.generate([8, 8], SamplingParams(max_tokens=1000, ignore_eos=True), "victim"):
+                outs.append(out)
+                if len(outs) == 2:
+                    engine.abort("victim")
+            assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
 
         asyncio.run(main())
     finally:
