@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from tpserve.model.config import TransformerConfig
+from tpserve.model.config import TransformerConfig, check_known_fields
 from tpserve.model.core_attention import AttentionBackend
 from tpserve.model.gpt_model import GPTModel
 from tpserve.model.layer_specs import default_layer_spec
@@ -65,9 +65,7 @@ class GPTModelConfig:
     @classmethod
     def from_dict(cls, fields: dict) -> "GPTModelConfig":
         fields = dict(fields)
-        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown GPTModelConfig fields {sorted(unknown)}")
+        check_known_fields(cls, fields)
         fields["transformer"] = TransformerConfig.from_dict(fields["transformer"])
         return cls(**fields)
 

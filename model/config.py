@@ -39,6 +39,13 @@ def activation_name(func: Callable[[torch.Tensor], torch.Tensor]) -> str:
     )
 
 
+def check_known_fields(cls: type, fields: dict) -> None:
+    """A config read from a file must name only fields `cls` has (a typo is an error, not ignored)."""
+    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields {sorted(unknown)}")
+
+
 @dataclass
 class TransformerConfig:
     # --- shape ---
@@ -146,9 +153,7 @@ class TransformerConfig:
     @classmethod
     def from_dict(cls, fields: dict) -> "TransformerConfig":
         fields = dict(fields)
-        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"unknown TransformerConfig fields {sorted(unknown)}")
+        check_known_fields(cls, fields)
         if isinstance(fields.get("activation_func"), str):
             name = fields["activation_func"]
             if name not in ACTIVATIONS:
