@@ -57,7 +57,7 @@ class ModelRunner:
         # up to date with every later plan's deltas (tokens appended, block table tail).
         self.sequences: dict[int, NewSequence] = {}
         self.inference_params = InferenceParams(
-            max_num_seqs + max_num_seqs,  # forks never widen a step, but a margin costs nothing
+            max_num_seqs,  # the scheduler never runs more (admission counts a request's forks)
             max_num_batched_tokens,
             max_blocks_per_seq,
             kv_cache.block_size,
