@@ -53,6 +53,12 @@ class _CoreAttention(nn.Module):
     def bind_kv_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         self.kv_cache = (k_cache, v_cache)
 
+    def bound_kv_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's (k_cache, v_cache); a step through the cache before one is bound is a bug."""
+        if self.kv_cache is None:
+            raise RuntimeError("inference_params were given but no KV cache is bound; call GPTModel.bind_kv_cache")
+        return self.kv_cache
+
 
 class TorchDotProductAttention(_CoreAttention):
     """The kernels' torch references: q and k rotated into copies, attention per sequence."""
@@ -79,9 +85,7 @@ class TorchDotProductAttention(_CoreAttention):
             return varlen_attention_reference(
                 query, key, value, packed_seq_params.cu_seqlens_q, self.softmax_scale, self.window_left
             )
-        if self.kv_cache is None:
-            raise RuntimeError("inference_params were given but no KV cache is bound; call GPTModel.bind_kv_cache")
-        k_cache, v_cache = self.kv_cache
+        k_cache, v_cache = self.bound_kv_cache()
         store_kv_reference(key, value, k_cache, v_cache, inference_params.slot_mapping)
         if packed_seq_params.max_seqlen_q == 1 and t == inference_params.context_lens.numel():
             # A decode step (one token per sequence): one batched attention, not a loop.
@@ -129,9 +133,7 @@ class TritonDotProductAttention(_CoreAttention):
             return varlen_attention(
                 query, key, value, packed_seq_params.cu_seqlens_q, self.softmax_scale, self.window_left
             )  # [t, n, d]
-        if self.kv_cache is None:
-            raise RuntimeError("inference_params were given but no KV cache is bound; call GPTModel.bind_kv_cache")
-        k_cache, v_cache = self.kv_cache
+        k_cache, v_cache = self.bound_kv_cache()
         store_kv(key, value, k_cache, v_cache, inference_params.slot_mapping)
         return paged_attention(
             query,
