@@ -65,8 +65,9 @@ def wait_for(condition, timeout: float = 30.0, what: str = "") -> None:
 def servers(start_server):
     started = {
         "drain": start_server("--shutdown-timeout", "60", wait=False),
-        "small": start_server("--max-num-seqs", "1", "--max-queued-requests", "1", "--shutdown-timeout", "0.2",
-                              wait=False),
+        # The last --max-model-len wins: 256 leaves room for two 250-token answers.
+        "small": start_server("--max-num-seqs", "1", "--max-queued-requests", "1", "--shutdown-timeout", "0.05",
+                              "--max-model-len", "256", wait=False),
         "dead": start_server(wait=False),
     }
     for server in started.values():
@@ -102,8 +103,8 @@ def test_sigterm_drains_requests_in_flight(servers):
 
 def test_a_full_queue_answers_429(servers):
     server = servers["small"]  # one running and one queued at most
-    # Six at once: two fit, the others are refused at once (long before 120 tokens are out).
-    readers = [StreamReader(server.url, {"prompt": f"Full {i}", "max_tokens": 120}) for i in range(6)]
+    # Six at once: two fit, the others are refused at once (long before 250 tokens are out).
+    readers = [StreamReader(server.url, {"prompt": f"Full {i}", "max_tokens": 250}) for i in range(6)]
     for reader in readers:
         reader.start()
     for reader in readers:
@@ -116,20 +117,23 @@ def test_a_full_queue_answers_429(servers):
 
 
 def test_sigterm_aborts_what_outlives_the_shutdown_timeout(servers):
-    server = servers["small"]  # --shutdown-timeout 0.2
-    first, second = (StreamReader(server.url, {"prompt": p, "max_tokens": 120}) for p in ("one", "two"))
-    first.start()
-    second.start()
-    assert first.first.wait(60) or second.first.wait(60)
+    server = servers["small"]  # --shutdown-timeout 0.05, one request running and one queued
+    readers = [StreamReader(server.url, {"prompt": p, "max_tokens": 250}) for p in ("one", "two")]
+    for reader in readers:
+        reader.start()
+    # SIGTERM as soon as the first token of either is out: the other is still queued behind it, so
+    # ~500 decode steps remain, which no machine runs within uvicorn's 0.1 s tick plus the timeout.
+    wait_for(lambda: any(r.events for r in readers), 60, "a first token")
     server.terminate()
     assert server.proc.wait(30) == 0
-    for reader in (first, second):
+    for reader in readers:
         reader.join(30)
         assert not reader.is_alive()
     # Each stream ends with a final event (finish_reason "abort" if the shutdown cut it short) or
-    # is closed mid-way; at least one of the two cannot have run its 120 tokens to the end.
-    reasons = [r.events[-1]["outputs"][0]["finish_reason"] if r.finished else "cut off" for r in (first, second)]
-    assert reasons != ["length", "length"], "240 tokens, one at a time, within 0.2 s?"
+    # is closed mid-way; at least one cannot have run its 250 tokens to the end.
+    reasons = [r.events[-1]["outputs"][0]["finish_reason"] if r.finished else "cut off" for r in readers]
+    assert reasons != ["length", "length"], "500 tokens, one at a time, within 0.15 s?"
+    assert set(reasons) <= {"length", "abort", "cut off"}, reasons
     assert not any(alive(pid) for pid in server.worker_pids), "a worker outlived the server"
 
 
