@@ -21,6 +21,16 @@ from tpserve.model.tensor_parallel.mappings import (
 from tpserve.model.tensor_parallel.sharding import REPLICATED, TensorSharding
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`; on the CPU, for up to 128 tokens (decode steps), computed as (W X^T)^T, which
+    MKL runs faster than X W^T there: SmolLM2's matmuls at 64 tokens take 23 ms against 27 ms per
+    6 layers on 2 cores, its output layer 40 against 56 ms. From ~160 tokens on X W^T wins."""
+    if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > 128:
+        return F.linear(x, weight, bias)
+    y = torch.mm(weight, x.t()).t().contiguous()
+    return y if bias is None else y + bias
+
+
 def _divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator:
         raise ValueError(f"{what}={numerator} is not divisible by tensor_model_parallel_size={denominator}")
@@ -75,7 +85,7 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
-        y = F.linear(x, weight, self.bias)  # [t, out / p]
+        y = linear(x, weight, self.bias)  # [t, out / p]
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y, self.parallel_state)  # [t, out]
         return y
@@ -111,7 +121,7 @@ class RowParallelLinear(nn.Module):
         return TensorSharding(dim=1) if name == "weight" else REPLICATED
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # [t, out], this rank's partial sum
+        y = linear(x, self.weight)  # [t, out], this rank's partial sum
         y = reduce_from_tensor_model_parallel_region(y, self.parallel_state)
         if self.bias is not None:
             y = y + self.bias
