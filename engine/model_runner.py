@@ -22,7 +22,7 @@ from tpserve.model.packed_seq_params import PackedSeqParams
 @dataclass
 class Sample:
     token_id: int
-    logprob: float
+    logprob: float | None  # None when its request asked for no logprobs
     top: list[tuple[int, float]]  # the most likely tokens at this position, when logprobs were asked
 
 
@@ -132,11 +132,12 @@ class ModelRunner:
                 index = state.sample_index if num_samples == 1 else k
                 inputs.append((state.params, state.token_ids[: state.num_prompt_tokens], output, state.seed, index, len(output)))
             repeat.append(num_samples)
-        logits = logits.repeat_interleave(torch.tensor(repeat, device=logits.device), dim=0)  # [samples, V]
+        if any(r != 1 for r in repeat):  # a fork: its row is repeated n times
+            logits = logits.repeat_interleave(torch.tensor(repeat, device=logits.device), dim=0)  # [samples, V]
         batch = SamplingBatch.build(inputs, self.vocab_size, self.eos_token_ids, logits.device)
         out = self.sampler(logits, batch)
         token_ids = out.token_ids.tolist()
-        logprobs = out.logprobs.tolist()
+        logprobs = out.logprobs.tolist() if out.logprobs is not None else [None] * len(token_ids)
         top_ids = out.top_logprob_ids.tolist() if out.top_logprob_ids is not None else None
         top_values = out.top_logprobs.tolist() if out.top_logprobs is not None else None
         i = 0

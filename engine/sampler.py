@@ -77,6 +77,7 @@ class SamplingBatch:
     any_top_p: bool
     any_min_p: bool
     num_top_logprobs: int  # most top logprobs any row asks for; 0 = none
+    any_logprobs: bool  # some row asks for logprobs (0 included: the sampled token's alone)
 
     @classmethod
     def build(
@@ -141,13 +142,16 @@ class SamplingBatch:
             any_top_p=any(row[1] > 0.0 for row in floats),
             any_min_p=any(row[2] > 0.0 for row in floats),
             num_top_logprobs=max((row.params.logprobs or 0 for row in rows), default=0),
+            any_logprobs=any(row.params.logprobs is not None for row in rows),
         )
 
 
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [b] int64
-    logprobs: torch.Tensor  # [b] float32: log-prob of each sampled token (penalized distribution)
+    # [b] float32: log-prob of each sampled token (penalized distribution); None when no row asks
+    # for logprobs (the log-sum-exp over the vocabulary costs as much as the argmax).
+    logprobs: torch.Tensor | None
     # The most likely tokens and their logprobs, sorted descending; n = most any row asked for
     # (a row asking fewer takes its first ones). None when no row asks.
     top_logprob_ids: torch.Tensor | None  # [b, n] int64
@@ -167,6 +171,8 @@ class Sampler:
             token_ids = sample_gumbel(processed, batch.noise_key)
             if batch.any_greedy:
                 token_ids = torch.where(batch.greedy, penalized.argmax(dim=-1), token_ids)
+        if not batch.any_logprobs:
+            return SamplerOutput(token_ids, None, None, None)
         token_logprobs, top_ids, top_logprobs = gather_logprobs(penalized, token_ids, batch.num_top_logprobs)
         return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs)
 

@@ -250,14 +250,17 @@ def test_logprobs_are_log_softmax_of_penalized_logits():
     assert (out.top_logprobs[:, :-1] >= out.top_logprobs[:, 1:]).all()  # sorted, descending
 
 
-def test_no_top_logprobs_unless_asked_and_input_untouched():
+def test_no_logprobs_unless_asked_and_input_untouched():
     logits = torch.randn(2, 30)
     before = logits.clone()
     batch = build([SamplingParams(repetition_penalty=2.0, temperature=0.5)] * 2, 30, outputs=[[1], [2]])
     out = Sampler()(logits, batch)
-    assert out.top_logprob_ids is None and out.top_logprobs is None
-    assert out.logprobs.shape == (2,)
+    assert out.top_logprob_ids is None and out.top_logprobs is None and out.logprobs is None
     assert torch.equal(logits, before)
+    # logprobs=0: the sampled token's logprob, no top ones.
+    batch = build([SamplingParams(temperature=0.5, logprobs=0), SamplingParams()], 30, outputs=[[1], [2]])
+    out = Sampler()(logits, batch)
+    assert out.top_logprob_ids is None and out.logprobs.shape == (2,)
 
 
 # --- stateless randomness ---
