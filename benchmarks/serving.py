@@ -484,10 +484,10 @@ def plot(servers: list[dict], path: str, title: str) -> None:
                 ax.set_xscale("log", base=2)
     axes[0].set_ylabel("output tokens/s")
     axes[0].set_title("Output throughput (median, min-max bars)")
-    axes[1].set_ylabel("ms")
-    axes[1].set_title("Time to first token")
-    axes[2].set_ylabel("ms")
-    axes[2].set_title("Time per output token")
+    for ax, name in ((axes[1], "Time to first token"), (axes[2], "Time per output token")):
+        ax.set_ylabel("ms (log scale)")
+        ax.set_yscale("log")  # servers that queue requests differ from batching ones by 100x
+        ax.set_title(name)
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
