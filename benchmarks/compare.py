@@ -31,7 +31,7 @@ def ratio(a, b) -> str:
 
 
 def print_table(servers: list[dict]) -> None:
-    ours, peers = servers[0], servers[1:]
+    ours = servers[0]
     print("\n" + "=" * 100)
     header = f"{'point':<34}{'server':<14}{'out tok/s':>11}{'TTFT p50':>10}{'TPOT p50':>10}{'ITL p99':>10}"
     print(header + "   vs " + ours["name"] + ": tok/s, TTFT, TPOT")

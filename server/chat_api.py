@@ -8,19 +8,17 @@ with no choices and the usage; `data: [DONE]` ends the stream.
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Request
 from jinja2 import TemplateError
 
 from tpserve.engine.outputs import RequestOutput
 from tpserve.engine.sequence import Logprob
 from tpserve.server.errors import bad_request
-from tpserve.server.openai_api import TokenText, check_model, finite, runner_of, usage
-from tpserve.server.params import refuse_response_format, resolve_max_tokens, sampling_params, tokenize
+from tpserve.server.openai_api import OpenAIJob, TokenText, finite, runner_of, usage
+from tpserve.server.params import resolve_max_tokens, sampling_params, tokenize
 from tpserve.server.protocol import ChatCompletionRequest
 from tpserve.server.runner import Runner
-from tpserve.server.streaming import event_stream, sse
+from tpserve.server.streaming import event_stream
 
 router = APIRouter()
 
@@ -59,10 +57,9 @@ def chat_logprobs(entries: list[Logprob], token_ids: list[int], text: TokenText)
             for t, e in zip(token_ids, entries)]
 
 
-class _ChatJob:
+class _ChatJob(OpenAIJob):
     def __init__(self, body: ChatCompletionRequest, runner: Runner, request_id: str, text: TokenText) -> None:
-        check_model(runner, body.model)
-        refuse_response_format(body.response_format)
+        super().__init__(body, runner, request_id, text, "chatcmpl", "chat.completion.chunk")
         if body.tools:
             raise bad_request("tools are not supported yet (no tool-call parsing); leave tools out", param="tools")
         if body.tool_choice not in (None, "none", "auto"):
@@ -70,12 +67,6 @@ class _ChatJob:
                               param="tool_choice")
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
-        if body.stream_options is not None and not body.stream:
-            raise bad_request("stream_options is only allowed with stream=true", param="stream_options")
-        self.body, self.runner = body, runner
-        self.id = f"chatcmpl-{request_id}"
-        self.created = int(time.time())
-        self.text = text
         tokenizer = runner.engine.tokenizer
         prompt = chat_prompt(body, tokenizer)
         # The template writes any special tokens itself; the tokenizer must not add another BOS.
@@ -104,19 +95,11 @@ class _ChatJob:
         return {"id": self.id, "object": "chat.completion", "created": self.created,
                 "model": self.runner.config.model_name, "choices": choices, "usage": usage([out])}
 
-    @property
-    def _include_usage(self) -> bool:
-        return self.body.stream_options is not None and self.body.stream_options.include_usage
-
     def _chunk(self, index: int, delta: dict, logprobs=None, finish: str | None = None, stop_reason=None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = stop_reason
-        payload = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                   "model": self.runner.config.model_name, "choices": [choice]}
-        if self._include_usage:
-            payload["usage"] = None
-        return sse(payload)
+        return self.chunk([choice])
 
     def render(self, batch: dict[int, RequestOutput]) -> list[str]:
         out = batch[0]
@@ -143,10 +126,7 @@ class _ChatJob:
         return lines
 
     def end(self) -> list[str]:
-        if not self._include_usage or self.last is None:
-            return []
-        return [sse({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                     "model": self.runner.config.model_name, "choices": [], "usage": usage([self.last])})]
+        return self.usage_chunk([self.last] if self.last is not None else [])
 
 
 @router.post("/v1/chat/completions")

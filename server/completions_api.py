@@ -11,18 +11,16 @@ until its last; `stream_options.include_usage` adds a last chunk with no choices
 
 from __future__ import annotations
 
-import time
-
 from fastapi import APIRouter, Request
 
 from tpserve.engine.outputs import CompletionOutput, RequestOutput
 from tpserve.engine.sequence import Logprob
 from tpserve.server.errors import bad_request
-from tpserve.server.openai_api import TokenText, check_model, finite, runner_of, usage
-from tpserve.server.params import refuse_response_format, resolve_max_tokens, sampling_params, tokenize
+from tpserve.server.openai_api import OpenAIJob, TokenText, finite, runner_of, usage
+from tpserve.server.params import resolve_max_tokens, sampling_params, tokenize
 from tpserve.server.protocol import CompletionRequest
 from tpserve.server.runner import Runner
-from tpserve.server.streaming import event_stream, sse
+from tpserve.server.streaming import event_stream
 
 router = APIRouter()
 
@@ -47,12 +45,11 @@ def completion_logprobs(entries: list[Logprob | None], token_ids: list[int], tex
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-class _CompletionJob:
+class _CompletionJob(OpenAIJob):
     """One /v1/completions request: its prompts, and how outputs become choices."""
 
     def __init__(self, body: CompletionRequest, runner: Runner, request_id: str, text: TokenText) -> None:
-        check_model(runner, body.model)
-        refuse_response_format(body.response_format)
+        super().__init__(body, runner, request_id, text, "cmpl", "text_completion")
         if body.suffix:
             raise bad_request("suffix is not supported (no fill-in-the-middle)", param="suffix")
         if body.best_of is not None and body.best_of != body.n:
@@ -61,12 +58,6 @@ class _CompletionJob:
         if body.max_tokens == 0 and not body.echo:
             raise bad_request("max_tokens=0 generates nothing: use it with echo=true to score the prompt, or ask "
                               "for at least 1 token", param="max_tokens")
-        if body.stream_options is not None and not body.stream:
-            raise bad_request("stream_options is only allowed with stream=true", param="stream_options")
-        self.body, self.runner = body, runner
-        self.id = f"cmpl-{request_id}"
-        self.created = int(time.time())
-        self.text = text
         prompt = body.prompt
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompts = [prompt]
@@ -128,17 +119,6 @@ class _CompletionJob:
                 "model": self.runner.config.model_name, "choices": choices, "usage": usage(outs, self.scoring)}
 
     # --- streaming ---
-    def _chunk(self, choices: list[dict]) -> str:
-        payload = {"id": self.id, "object": "text_completion", "created": self.created,
-                   "model": self.runner.config.model_name, "choices": choices}
-        if self._include_usage:
-            payload["usage"] = None
-        return sse(payload)
-
-    @property
-    def _include_usage(self) -> bool:
-        return self.body.stream_options is not None and self.body.stream_options.include_usage
-
     def render(self, batch: dict[int, RequestOutput]) -> list[str]:
         lines = []
         for i, out in sorted(batch.items()):
@@ -165,16 +145,12 @@ class _CompletionJob:
                 self.sent_tokens[index] = len(o.token_ids)
                 if finish is not None:
                     self.done.add(index)
-                lines.append(self._chunk([{"index": index, "text": text, "logprobs": logprobs,
+                lines.append(self.chunk([{"index": index, "text": text, "logprobs": logprobs,
                                            "finish_reason": finish, "stop_reason": o.stop_reason if finish else None}]))
         return lines
 
     def end(self) -> list[str]:
-        if not self._include_usage:
-            return []
-        outs = [self.finished[i] for i in sorted(self.finished)]
-        return [sse({"id": self.id, "object": "text_completion", "created": self.created,
-                     "model": self.runner.config.model_name, "choices": [], "usage": usage(outs, self.scoring)})]
+        return self.usage_chunk([self.finished[i] for i in sorted(self.finished)], self.scoring)
 
 
 def prompt_logprobs_json(out: RequestOutput) -> list[dict | None] | None:
