@@ -17,14 +17,13 @@ kernels (TRITON_INTERPRET unset); it refuses to run otherwise.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 KERNELS = ("rope", "store_kv", "decode", "prefill")
 GQA = (1, 4, 8)
@@ -209,16 +208,6 @@ def bench_prefill(dtype, dev, quick, matmul_tflops):
         yield row
 
 
-def commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True).stdout.strip()
-        return head + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     args = parse_args()
     refuse_unless_gpu()
@@ -248,9 +237,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     report = dict(
         device=torch.cuda.get_device_name(dev),
-        commit=commit(),
-        command=" ".join([sys.executable, *sys.argv]),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **provenance("kernels.py"),
         torch=torch.__version__,
         triton=triton.__version__,
         dtype=args.dtype,

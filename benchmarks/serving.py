@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import datetime
 import json
 import math
 import os
@@ -40,11 +39,11 @@ import shlex
 import signal
 import statistics
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
+from provenance import provenance
 
 
 @dataclasses.dataclass
@@ -396,14 +395,6 @@ def benchmark(args, base_url: str, tokenizer, prompts_for: dict[int, list[Prompt
     return points
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def host() -> str:
     try:
         import torch
@@ -530,9 +521,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def result_header(args, argv: list[str] | None, script: str) -> dict:
     return {
         "benchmark": "serving",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "command": f"python benchmarks/{script} " + shlex.join(argv if argv is not None else sys.argv[1:]),
+        **provenance(script, argv),
         "device": host(),
         "setup": {k: v for k, v in vars(args).items() if k not in ("output_json", "plot", "log_dir")},
     }

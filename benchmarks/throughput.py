@@ -12,19 +12,17 @@ process, at each --hf-batch-sizes, and the ratio to its best is printed.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from provenance import provenance
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -93,13 +91,6 @@ def time_hf(checkpoint: Path, prompts: list[list[int]], output_len: int, batch_s
     return results
 
 
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from tpserve import LLM
@@ -125,9 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
     elapsed = statistics.median(runs)
     result = {
         "benchmark": "throughput",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "command": "python benchmarks/throughput.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        **provenance("throughput.py", argv),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "checkpoint": str(checkpoint),
         "setup": vars(args),

@@ -11,6 +11,8 @@ Input is the fused QKV output of one rank, laid out per query group as Megatron-
 from __future__ import annotations
 
 import enum
+import functools
+import logging
 
 import torch
 from torch import nn
@@ -22,6 +24,8 @@ from tpserve.kernels.attention import (
     varlen_attention,
     varlen_attention_reference,
 )
+from tpserve.kernels import native
+from tpserve.kernels.cpu_attention import paged_attention_cpu
 from tpserve.kernels.kv_cache import store_kv, store_kv_reference
 from tpserve.kernels.rope import rope_, rope_reference
 from tpserve.model.config import TransformerConfig
@@ -29,14 +33,28 @@ from tpserve.model.inference_params import InferenceParams
 from tpserve.model.packed_seq_params import PackedSeqParams
 from tpserve.model.rotary import RotaryEmbedding
 
+logger = logging.getLogger(__name__)
+
 
 class AttentionBackend(enum.Enum):
-    TORCH = "torch"  # the kernels' torch references; what the CPU runs
+    TORCH = "torch"  # the kernels' torch references
+    CPU = "cpu"  # the references plus the native CPU attention kernel; the default on the CPU
     TRITON = "triton"  # the Triton kernels; the default on CUDA
 
     @classmethod
     def default_for(cls, device: torch.device | str) -> "AttentionBackend":
-        return cls.TRITON if torch.device(device).type == "cuda" else cls.TORCH
+        if torch.device(device).type == "cuda":
+            return cls.TRITON
+        why_not = native.available()
+        if why_not is not None:
+            _warn_once(f"the native CPU attention kernel is unavailable ({why_not}); running the torch backend")
+            return cls.TORCH
+        return cls.CPU
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
 
 
 class _CoreAttention(nn.Module):
@@ -87,6 +105,17 @@ class TorchDotProductAttention(_CoreAttention):
             )
         k_cache, v_cache = self.bound_kv_cache()
         store_kv_reference(key, value, k_cache, v_cache, inference_params.slot_mapping)
+        return self.paged_attention(query, k_cache, v_cache, packed_seq_params, inference_params)
+
+    def paged_attention(
+        self,
+        query: torch.Tensor,  # [t, n, d]
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        packed_seq_params: PackedSeqParams,
+        inference_params: InferenceParams,
+    ) -> torch.Tensor:
+        t = query.shape[0]
         if packed_seq_params.max_seqlen_q == 1 and t == inference_params.context_lens.numel():
             # A decode step (one token per sequence): one batched attention, not a loop.
             return paged_decode_attention_torch(
@@ -94,6 +123,34 @@ class TorchDotProductAttention(_CoreAttention):
                 self.softmax_scale, inference_params.max_context_len, self.window_left,
             )
         return paged_attention_reference(
+            query,
+            k_cache,
+            v_cache,
+            packed_seq_params.cu_seqlens_q,
+            inference_params.context_lens,
+            inference_params.block_tables,
+            self.softmax_scale,
+            self.window_left,
+        )
+
+
+class CpuDotProductAttention(TorchDotProductAttention):
+    """The torch backend with attention over the paged cache in the native CPU kernel
+    (kernels/cpu_attention.py), which reads keys and values in place instead of gathering a
+    padded copy of every sequence: at decode that copy is most of the attention's time.
+    The kernel takes float32 and head dims divisible by 8; other models run the references."""
+
+    def paged_attention(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        packed_seq_params: PackedSeqParams,
+        inference_params: InferenceParams,
+    ) -> torch.Tensor:
+        if query.dtype != torch.float32 or query.shape[-1] % 8:
+            return super().paged_attention(query, k_cache, v_cache, packed_seq_params, inference_params)
+        return paged_attention_cpu(
             query,
             k_cache,
             v_cache,

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from tpserve.model.attention import SelfAttention, SelfAttentionSubmodules
 from tpserve.model.config import TransformerConfig
-from tpserve.model.core_attention import AttentionBackend, TorchDotProductAttention, TritonDotProductAttention
+from tpserve.model.core_attention import (
+    AttentionBackend,
+    CpuDotProductAttention,
+    TorchDotProductAttention,
+    TritonDotProductAttention,
+)
 from tpserve.model.mlp import MLP, MLPSubmodules
 from tpserve.model.norm import Norm
 from tpserve.model.spec_utils import ModuleSpec
@@ -18,6 +23,7 @@ from tpserve.model.transformer_layer import TransformerLayer, TransformerLayerSu
 
 _CORE_ATTENTION = {
     AttentionBackend.TORCH: TorchDotProductAttention,
+    AttentionBackend.CPU: CpuDotProductAttention,
     AttentionBackend.TRITON: TritonDotProductAttention,
 }
 

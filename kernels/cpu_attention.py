@@ -1,0 +1,78 @@
+"""Paged attention on the CPU: the native kernel (kernels/csrc/paged_attention_cpu.c).
+
+Same semantics and arguments as `paged_attention_reference` (kernels/attention.py), in float32,
+for decodes, prefills and mixed steps alike, reading each key and value straight from the
+paged cache instead of gathering a padded copy per sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tpserve.kernels import _launch as L
+from tpserve.kernels import native
+
+_ERRORS = {  # the C kernel's return codes
+    1: (MemoryError, "the CPU attention kernel could not allocate its scratch buffers"),
+    2: (ValueError, "a sequence has more queries than tokens in the cache (cu_seqlens_q vs context_lens)"),
+    3: (ValueError, "cu_seqlens_q must start at 0, not decrease, and end at most at the number of query rows"),
+    4: (IndexError, "a block table entry a sequence reads is not a block of the cache"),
+}
+
+
+def _int32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int32 and x.stride(-1) == 1 else x.to(torch.int32).contiguous()
+
+
+def paged_attention_cpu(
+    query: torch.Tensor,  # [t, n, d] float32
+    k_cache: torch.Tensor,  # [num_blocks, block_size, g, d]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, g, d]
+    cu_seqlens_q: torch.Tensor,  # [b + 1] int
+    context_lens: torch.Tensor,  # [b] int
+    block_tables: torch.Tensor,  # [b, max_blocks] int
+    softmax_scale: float,
+    window_left: int | None = None,
+    *,
+    out: torch.Tensor | None = None,  # [t, n, d] float32, contiguous in its last dim
+) -> torch.Tensor:
+    """Attention output [t, n, d] (into `out` where given)."""
+    t, n, d = query.shape
+    _, block_size, g, _ = k_cache.shape
+    L.check_shape("v_cache", v_cache, tuple(k_cache.shape))
+    if n % g:
+        raise ValueError(f"{n} query heads do not divide into {g} kv heads")
+    if d % 8:
+        raise ValueError(f"head dim {d} is not a multiple of 8, which the CPU kernel needs (use the torch backend)")
+    for name, x in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if x.dtype != torch.float32 or x.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 CPU tensor, not {x.dtype} on {x.device}")
+    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("context_lens", context_lens), ("block_tables", block_tables)):
+        L.check_dtype(name, x, L.INDEX_DTYPES)
+        if x.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU, not {x.device}")
+    if out is None:
+        out = torch.empty(t, n, d, dtype=torch.float32)
+    L.check_shape("out", out, (t, n, d))
+    if out.dtype != torch.float32 or out.device.type != "cpu":
+        raise ValueError(f"out must be a float32 CPU tensor, not {out.dtype} on {out.device}")
+    L.check_unit_last_stride(query=query, k_cache=k_cache, v_cache=v_cache, out=out)
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError("k_cache and v_cache must share strides")
+    b = context_lens.shape[0]
+    L.check_shape("cu_seqlens_q", cu_seqlens_q, (b + 1,))
+    L.check_shape("block_tables", block_tables, (b, None))
+    cu, ctx, tables = _int32(cu_seqlens_q), _int32(context_lens), _int32(block_tables)
+    if b == 0 or t == 0:
+        return out
+    err = native.library().tpserve_paged_attention_f32(
+        query.data_ptr(), query.stride(0), query.stride(1),
+        k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3],
+        out.data_ptr(), out.stride(0), out.stride(1),
+        cu.data_ptr(), ctx.data_ptr(), tables.data_ptr(), tables.stride(0),
+        t, k_cache.shape[0], b, g, n // g, d, block_size,
+        softmax_scale, -1 if window_left is None or window_left < 0 else window_left,
+    )  # fmt: skip
+    if err:
+        raise _ERRORS[err][0](_ERRORS[err][1])
+    return out
