@@ -25,7 +25,7 @@ def _int32(x: torch.Tensor) -> torch.Tensor:
 
 
 def paged_attention_cpu(
-    query: torch.Tensor,  # [t, n, d] float32
+    query: torch.Tensor,  # [t, n, d] float32, or the grouped view [t, g, n/g, d] of the fused QKV
     k_cache: torch.Tensor,  # [num_blocks, block_size, g, d]
     v_cache: torch.Tensor,  # [num_blocks, block_size, g, d]
     cu_seqlens_q: torch.Tensor,  # [b + 1] int
@@ -37,11 +37,16 @@ def paged_attention_cpu(
     out: torch.Tensor | None = None,  # [t, n, d] float32, contiguous in its last dim
 ) -> torch.Tensor:
     """Attention output [t, n, d] (into `out` where given)."""
-    t, n, d = query.shape
-    _, block_size, g, _ = k_cache.shape
+    L.check_shape("k_cache", k_cache, (None, None, None, None))
+    _, block_size, g, d = k_cache.shape
     L.check_shape("v_cache", v_cache, tuple(k_cache.shape))
-    if n % g:
-        raise ValueError(f"{n} query heads do not divide into {g} kv heads")
+    if query.dim() == 3:
+        if query.shape[1] % g:
+            raise ValueError(f"{query.shape[1]} query heads do not divide into {g} kv heads")
+        query = query.unflatten(1, (g, query.shape[1] // g))
+    t, _, hpg, _ = query.shape
+    L.check_shape("query", query, (t, g, hpg, d))
+    n = g * hpg
     if d % 8:
         raise ValueError(f"head dim {d} is not a multiple of 8, which the CPU kernel needs (use the torch backend)")
     for name, x in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -66,11 +71,11 @@ def paged_attention_cpu(
     if b == 0 or t == 0:
         return out
     err = native.library().tpserve_paged_attention_f32(
-        query.data_ptr(), query.stride(0), query.stride(1),
+        query.data_ptr(), *query.stride()[:3],
         k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3],
         out.data_ptr(), out.stride(0), out.stride(1),
         cu.data_ptr(), ctx.data_ptr(), tables.data_ptr(), tables.stride(0),
-        t, k_cache.shape[0], b, g, n // g, d, block_size,
+        t, k_cache.shape[0], b, g, hpg, d, block_size,
         softmax_scale, -1 if window_left is None or window_left < 0 else window_left,
     )  # fmt: skip
     if err:

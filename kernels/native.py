@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("paged_attention_cpu.c",)
+_SOURCES = ("paged_attention_cpu.c", "rope_store_kv_cpu.c", "transpose_cpu.c")
 # Compiling with -ffast-math lets gcc vectorize the reductions and call glibc's vector expf.
 # Linking is a separate step without it: gcc links crtfastmath.o into anything linked with
 # -ffast-math, and loading that turns on flush-to-zero for the whole process (Python's own
@@ -94,7 +94,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.tpserve_paged_attention_f32
     fn.restype = ctypes.c_int
     fn.argtypes = [
-        ptr, i64, i64,  # query, its row and head strides
+        ptr, i64, i64, i64,  # query, its row, kv-group and head strides
         ptr, ptr, i64, i64, i64,  # k_cache, v_cache, their block, slot and head strides
         ptr, i64, i64,  # out, its row and head strides
         ptr, ptr, ptr, i64,  # cu_seqlens_q, context_lens, block_tables and its row stride
@@ -102,11 +102,25 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         i32, i32, i32, i32,  # num_kv_heads, heads_per_group, head_dim, block_size
         f32, i32,  # softmax scale, window_left (-1: none)
     ]
+    fn = lib.tpserve_rope_store_kv_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [
+        ptr, i64, i64, i64,  # qkv, its token, group and head strides
+        ptr, ptr, ptr, i64, i64,  # positions, cos, sin, their row stride, their rows
+        i32, i32,  # rot_half (0: no rotation), interleaved
+        ptr, ptr, i64, i64,  # k_cache, v_cache, their slot and head strides
+        ptr, i64,  # slot_mapping, slots in the cache
+        i32, i32, i32, i32,  # num_tokens, num_groups, heads_per_group, head_dim
+    ]
+    fn = lib.tpserve_transpose_f32
+    fn.restype = None
+    fn.argtypes = [ptr, i64, i64, i64, ptr, i64]  # src, rows, cols, its row stride, dst, its row stride
     return lib
 
 
+@functools.cache
 def available() -> str | None:
-    """None where the native kernels load; otherwise why not."""
+    """None where the native kernels load; otherwise why not (found out once per process)."""
     try:
         library()
     except NativeKernelsUnavailable as e:

@@ -26,6 +26,7 @@ from tpserve.kernels.attention import (
 )
 from tpserve.kernels import native
 from tpserve.kernels.cpu_attention import paged_attention_cpu
+from tpserve.kernels.cpu_rope_store import rope_store_kv_cpu
 from tpserve.kernels.kv_cache import store_kv, store_kv_reference
 from tpserve.kernels.rope import rope_, rope_reference
 from tpserve.model.config import TransformerConfig
@@ -105,17 +106,6 @@ class TorchDotProductAttention(_CoreAttention):
             )
         k_cache, v_cache = self.bound_kv_cache()
         store_kv_reference(key, value, k_cache, v_cache, inference_params.slot_mapping)
-        return self.paged_attention(query, k_cache, v_cache, packed_seq_params, inference_params)
-
-    def paged_attention(
-        self,
-        query: torch.Tensor,  # [t, n, d]
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        packed_seq_params: PackedSeqParams,
-        inference_params: InferenceParams,
-    ) -> torch.Tensor:
-        t = query.shape[0]
         if packed_seq_params.max_seqlen_q == 1 and t == inference_params.context_lens.numel():
             # A decode step (one token per sequence): one batched attention, not a loop.
             return paged_decode_attention_torch(
@@ -135,23 +125,38 @@ class TorchDotProductAttention(_CoreAttention):
 
 
 class CpuDotProductAttention(TorchDotProductAttention):
-    """The torch backend with attention over the paged cache in the native CPU kernel
-    (kernels/cpu_attention.py), which reads keys and values in place instead of gathering a
-    padded copy of every sequence: at decode that copy is most of the attention's time.
-    The kernel takes float32 and head dims divisible by 8; other models run the references."""
+    """The native CPU kernels, C counterparts of the Triton backend's: RoPE and the K/V store in
+    one pass, in place on the fused QKV tensor, then attention reading q through a strided view
+    of it and keys and values straight from the paged cache, where the torch path gathers a
+    padded copy of every sequence (at decode, most of its attention time).
 
-    def paged_attention(
+    The kernels take float32 and head dims divisible by 8, and serve steps through the cache;
+    anything else, and the whole-sequence forward, runs the torch references.
+    """
+
+    def forward(
         self,
-        query: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        qkv: torch.Tensor,  # [t, g, n/g + 2, d]; its q and k heads are rotated in place
+        position_ids: torch.Tensor,  # [t]
+        rotary: RotaryEmbedding | None,
         packed_seq_params: PackedSeqParams,
-        inference_params: InferenceParams,
+        inference_params: InferenceParams | None,
     ) -> torch.Tensor:
-        if query.dtype != torch.float32 or query.shape[-1] % 8:
-            return super().paged_attention(query, k_cache, v_cache, packed_seq_params, inference_params)
+        if inference_params is None or qkv.dtype != torch.float32 or qkv.shape[-1] % 8:
+            return super().forward(qkv, position_ids, rotary, packed_seq_params, inference_params)
+        k_cache, v_cache = self.bound_kv_cache()
+        rope_store_kv_cpu(
+            qkv,
+            position_ids,
+            rotary.cos_cache if rotary is not None else None,
+            rotary.sin_cache if rotary is not None else None,
+            self.config.rotary_interleaved,
+            k_cache,
+            v_cache,
+            inference_params.slot_mapping,
+        )
         return paged_attention_cpu(
-            query,
+            qkv[:, :, : qkv.shape[2] - 2],  # [t, g, n/g, d] view
             k_cache,
             v_cache,
             packed_seq_params.cu_seqlens_q,
@@ -159,7 +164,7 @@ class CpuDotProductAttention(TorchDotProductAttention):
             inference_params.block_tables,
             self.softmax_scale,
             self.window_left,
-        )
+        )  # [t, n, d]
 
 
 class TritonDotProductAttention(_CoreAttention):

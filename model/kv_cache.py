@@ -7,9 +7,31 @@ of position; block ids mean the same in every layer and on every rank.
 
 from __future__ import annotations
 
+import math
+import mmap
+
 import torch
 
 from tpserve.model.config import TransformerConfig
+
+
+def _zeros_in_huge_pages(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor in memory the kernel is asked to back with transparent huge pages.
+
+    A sequence's blocks end up anywhere in a cache of many GiB (freed blocks go to the back of
+    the free list, so allocation walks the whole cache), and with 4 KiB pages nearly every block
+    the attention reads costs a TLB miss: SmolLM2's batch-64 decode step took 192 ms in a
+    default-sized cache against 175 ms in a 400 MB one. With 2 MiB pages it takes 176 ms in
+    either. Where the kernel has no huge pages, this is plain zeroed memory.
+    """
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    if nbytes == 0 or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(shape, dtype=dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    # frombuffer holds a reference to the mapping for as long as any view of the tensor lives.
+    buffer = torch.frombuffer(memory, dtype=dtype).view(shape)
+    return buffer.zero_()  # fault every page in now, at start-up, not in the first steps
 
 
 class KVCache:
@@ -27,7 +49,11 @@ class KVCache:
         self.block_size = block_size
         g, d = config.num_query_groups_local, config.kv_channels
         # [layers, 2 (k, v), num_blocks, block_size, g, d]: one allocation for the whole model.
-        self.buffer = torch.zeros(config.num_layers, 2, num_blocks, block_size, g, d, dtype=dtype, device=device)
+        shape = (config.num_layers, 2, num_blocks, block_size, g, d)
+        if torch.device(device).type == "cpu":
+            self.buffer = _zeros_in_huge_pages(shape, dtype)
+        else:
+            self.buffer = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
     def bytes_per_block(config: TransformerConfig, block_size: int, dtype: torch.dtype) -> int:

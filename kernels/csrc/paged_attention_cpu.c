@@ -117,7 +117,7 @@ static inline __attribute__((always_inline)) void attend(
 #define CASE(GG, DD) case GG * 1024 + DD: attend(ATTEND_ARGS, GG, DD); break;
 
 int tpserve_paged_attention_f32(
-    const float *q, int64_t q_stride_t, int64_t q_stride_h,
+    const float *q, int64_t q_stride_t, int64_t q_stride_g, int64_t q_stride_h,
     const float *k_cache, const float *v_cache,
     int64_t kv_stride_block, int64_t kv_stride_slot, int64_t kv_stride_head,
     float *out, int64_t out_stride_t, int64_t out_stride_h,
@@ -170,7 +170,7 @@ int tpserve_paged_attention_f32(
                 err = ERR_BLOCK;
                 continue;
             }
-            const float *qh = q + (int64_t)r * q_stride_t + (int64_t)h * G * q_stride_h;
+            const float *qh = q + (int64_t)r * q_stride_t + (int64_t)h * q_stride_g;
             const float *k = k_cache + (int64_t)h * kv_stride_head, *v = v_cache + (int64_t)h * kv_stride_head;
             float *o = out + (int64_t)r * out_stride_t + (int64_t)h * G * out_stride_h;
             switch (G * 1024 + D) {

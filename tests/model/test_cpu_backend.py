@@ -45,3 +45,21 @@ def test_paged_steps_match_the_torch_backend(case):
     for batch in steps:
         for got, want in zip(ours.step(batch), theirs.step(batch), strict=True):
             torch.testing.assert_close(got, want, **TOL)
+
+
+def test_kv_cache_memory_is_zeroed_and_outlives_its_owner():
+    """On the CPU the cache lives in an anonymous mapping (asked for huge pages); layers keep
+    views of it after the KVCache object is gone, so the mapping must stay with them."""
+    import gc
+
+    from tpserve.model.kv_cache import KVCache
+
+    config, _ = converted(random_hf_model("llama_gqa"))
+    cache = KVCache(config.transformer, num_blocks=64, block_size=16, dtype=torch.float32)
+    k, v = cache.layer(1)
+    assert k.shape == (64, 16, 4, 8) and not k.any() and not v.any()
+    del cache
+    gc.collect()
+    k.fill_(1.0)
+    v[3] = 2.0
+    assert k.sum().item() == k.numel() and v.sum().item() == 2.0 * v[3].numel()
