@@ -28,6 +28,12 @@ from provenance import provenance
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", help="tpserve checkpoint folder (default: the SmolLM2 default model)")
+    p.add_argument("--load-format", choices=["auto", "dummy"], default="auto",
+                   help="dummy: random weights drawn on the device; only the checkpoint's config.json is read")
+    p.add_argument("--hf-config", type=Path,
+                   help="a Hugging Face config.json (e.g. benchmarks/configs/llama-3-8b.json): that architecture "
+                        "with random weights, no checkpoint needed (implies --load-format dummy; the default "
+                        "model's tokenizer stands in for detokenizing)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=16, help="random prompt length in tokens (centre)")
     p.add_argument("--input-len-range", type=float, default=0.25,
@@ -54,6 +60,29 @@ def make_prompts(args, tokenizer, vocab_size: int) -> list[list[int]]:
     low = max(1, int(args.input_len * (1 - args.input_len_range)))
     high = max(low, int(args.input_len * (1 + args.input_len_range)))
     return [[rng.randrange(3, vocab_size) for _ in range(rng.randint(low, high))] for _ in range(args.num_prompts)]
+
+
+def config_only_checkpoint(hf_config: Path, folder: Path) -> Path:
+    """A checkpoint folder holding only config.json, for the architecture a Hugging Face
+    config.json describes, and the default model's tokenizer files: what --load-format dummy
+    reads. Token ids past the tokenizer's vocabulary detokenize to nothing."""
+    import shutil
+
+    from tpserve.model.checkpoint import TokenizerInfo, prepare_default_model
+    from tpserve.model.checkpoint.format import CONFIG_FILE, config_json
+    from tpserve.model.checkpoint.hf import gpt_config_from_hf
+
+    raw = json.loads(Path(hf_config).read_text())
+    eos = raw.get("eos_token_id")
+    eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+    tokenizer = TokenizerInfo(bos_token_id=raw.get("bos_token_id"), eos_token_id=eos_ids[0] if eos_ids else None,
+                              eos_token_ids=eos_ids)
+    config = config_json(gpt_config_from_hf(raw), torch.bfloat16, tokenizer)
+    (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+    default = prepare_default_model()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default / name, folder / name)
+    return folder
 
 
 def time_tpserve(llm, prompts: list[list[int]], output_len: int) -> float:
@@ -96,9 +125,19 @@ def main(argv: list[str] | None = None) -> dict:
     from tpserve import LLM
     from tpserve.model.checkpoint import prepare_default_model, read_checkpoint_info
 
-    checkpoint = Path(args.checkpoint) if args.checkpoint else prepare_default_model()
-    info = read_checkpoint_info(checkpoint)
-    engine_args = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens)
+    if args.compare_hf and (args.hf_config or args.load_format == "dummy"):
+        raise SystemExit("--compare-hf needs the checkpoint's weights; it cannot run with random weights")
+    scratch = tempfile.TemporaryDirectory(prefix="tpserve-config-only-")
+    if args.hf_config:
+        if args.checkpoint:
+            raise SystemExit("--hf-config and --checkpoint exclude each other")
+        args.load_format = "dummy"
+        checkpoint = config_only_checkpoint(args.hf_config, Path(scratch.name))
+    else:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else prepare_default_model()
+    info = read_checkpoint_info(checkpoint, require_weights=args.load_format == "auto")
+    engine_args = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                       load_format=args.load_format)
     if args.kv_cache_memory:
         engine_args["kv_cache_memory"] = args.kv_cache_memory
     started = time.perf_counter()
@@ -113,13 +152,14 @@ def main(argv: list[str] | None = None) -> dict:
         preemptions = llm.engine.scheduler.num_preemptions
     finally:
         llm.shutdown()
+        scratch.cleanup()
     elapsed = statistics.median(runs)
     result = {
         "benchmark": "throughput",
         **provenance("throughput.py", argv),
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "checkpoint": str(checkpoint),
-        "setup": vars(args),
+        "setup": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "startup_s": round(startup_s, 2),
         "num_prompts": args.num_prompts,
         "input_tokens": input_tokens,

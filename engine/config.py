@@ -30,6 +30,9 @@ class EngineConfig:
     dtype: torch.dtype | None = None
     # Seconds a step may take before the workers are presumed hung and killed.
     step_timeout: float = 600.0
+    # "auto": the checkpoint's weights; "dummy": random weights drawn on the device, only the
+    # checkpoint's config.json read (vLLM's --load-format dummy), for benchmarking large shapes.
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -42,5 +45,7 @@ class EngineConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format={self.load_format!r} must be 'auto' or 'dummy'")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory={self.kv_cache_memory} must be a positive number of bytes")

@@ -40,7 +40,7 @@ class EngineStats:
 class LLMEngine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
-        info = read_checkpoint_info(config.checkpoint)
+        info = read_checkpoint_info(config.checkpoint, require_weights=config.load_format == "auto")
         if not info.has_tokenizer:
             raise ValueError(f"{config.checkpoint} has no tokenizer files; the engine needs one to serve text")
         self.tokenizer = AutoTokenizer.from_pretrained(str(config.checkpoint))
@@ -68,6 +68,7 @@ class LLMEngine:
                 kv_cache_memory=config.kv_cache_memory,
                 gpu_memory_utilization=config.gpu_memory_utilization,
                 eos_token_ids=sorted(eos),
+                random_weights=config.load_format == "dummy",
             ),
             step_timeout=config.step_timeout,
         )

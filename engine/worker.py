@@ -45,6 +45,7 @@ class WorkerConfig:
     kv_cache_memory: int | None
     gpu_memory_utilization: float
     eos_token_ids: list[int]
+    random_weights: bool = False  # EngineConfig.load_format == "dummy"
 
 
 def _available_cpu_memory() -> int:
@@ -109,7 +110,8 @@ def _serve(rank: int, config: WorkerConfig, conn) -> None:
         torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // config.world_size))
         backend = "gloo"
     ps = initialize_model_parallel(rank, config.world_size, config.init_method, backend)
-    model = load_model(config.checkpoint, ps, device=device, dtype=config.dtype, parallel_output=False)
+    model = load_model(config.checkpoint, ps, device=device, dtype=config.dtype, parallel_output=False,
+                       random_weights=config.random_weights)
     bytes_per_block = KVCache.bytes_per_block(model.config, config.block_size, config.dtype)
     conn.send(("ready", kv_cache_bytes(config, model, device) // bytes_per_block))
 

@@ -123,8 +123,9 @@ def config_json(config: GPTModelConfig, dtype: torch.dtype, tokenizer: Tokenizer
     }
 
 
-def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
-    """Read and check DIR/config.json. Errors say which file or field is wrong and what to do."""
+def read_checkpoint_info(path: str | Path, require_weights: bool = True) -> CheckpointInfo:
+    """Read and check DIR/config.json. Errors say which file or field is wrong and what to do.
+    require_weights=False accepts a folder with no weights (for random-weight loading)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder; convert a model first (`tpserve convert --help`)")
@@ -158,7 +159,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
         tokenizer = TokenizerInfo.from_dict(raw.get("tokenizer") or {})
     except (TypeError, ValueError, KeyError) as e:
         raise CheckpointError(f"{config_path}: {e}") from None
-    if not (path / INDEX_FILE).is_file():
+    if require_weights and not (path / INDEX_FILE).is_file():
         raise CheckpointError(f"{path / INDEX_FILE} is missing; the checkpoint is incomplete, convert it again")
     return CheckpointInfo(
         path=path,

@@ -54,15 +54,21 @@ def load_model(
     attention_backend: AttentionBackend | None = None,
     parallel_output: bool = False,
     progress: bool = True,
+    random_weights: bool = False,
 ) -> GPTModel:
     """This rank's model, its parameters filled from the checkpoint at `path`.
 
     dtype None means the device's default (`default_dtype`), whatever the stored dtype; tensors
     are converted as they are read. parallel_output=False gathers the logits on every rank.
+    random_weights: only the checkpoint's config.json is read and the parameters are drawn at
+    random on the device (`fill_random_weights`), for benchmarks of models too large to ship.
     """
-    info = read_checkpoint_info(path)
+    info = read_checkpoint_info(path, require_weights=not random_weights)
     dtype = dtype or default_dtype(device)
     config = serving_config(info.config, parallel_state.world_size, dtype, parallel_output, info.path)
+    if random_weights:
+        model = GPTModelBuilder(config).build_model(parallel_state, device, attention_backend)
+        return fill_random_weights(model, seed=parallel_state.rank)
     source = SafetensorsSource(info.path)  # checks every shard file against the index first
     model = GPTModelBuilder(config).build_model(parallel_state, device, attention_backend)
     try:
@@ -75,4 +81,20 @@ def load_model(
                                        disable=not show, leave=False):
         load_parameter(source, key, param, sharding, parallel_state)
     source.close()
+    return model
+
+
+@torch.no_grad()
+def fill_random_weights(model: GPTModel, seed: int = 0, std: float = 0.02) -> GPTModel:
+    """Every parameter drawn on its own device ("dummy" weights, as vLLM calls them): matrices
+    and embeddings N(0, std), norm weights 1, biases 0. The outputs mean nothing; the shapes,
+    dtypes and the work per token are the real model's."""
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+        elif param.dim() == 1:  # norm weights
+            param.fill_(1.0)
+        else:
+            param.normal_(0.0, std, generator=generator)
     return model
