@@ -11,8 +11,8 @@ queries, which are the *last* q_len_i of its context_len_i tokens (already store
 Query j (position p = context_len - q_len + j) attends to keys at positions k with k <= p,
 and p - k <= window_left when a sliding window is set.
 
-This file holds the torch reference the Triton kernels are tested against; on the CPU it is
-also the implementation the model runs.
+This file holds the torch reference the Triton kernels (and the native CPU kernel,
+kernels/cpu_attention.py) are tested against; it is also what the torch backend runs.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def paged_decode_attention_torch(
     max_context_len: int,
     window_left: int | None = None,
 ) -> torch.Tensor:
-    """A decode step of `paged_attention_reference`, batched: what the CPU runs.
+    """A decode step of `paged_attention_reference`, batched: what the torch backend runs.
 
     The reference loops over sequences (one small attention each, per layer); here each
     sequence's blocks are gathered into one padded [b, L, g, d] tensor (L = max_context_len

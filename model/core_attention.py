@@ -1,8 +1,9 @@
 """Core attention backends: RoPE, storing K/V in the paged cache, and attention.
 
 The three steps sit together behind one module because a fast backend fuses them (the Triton
-backend rotates q and k in place on the fused QKV output, then stores and attends). The layer
-spec picks the backend class explicitly; nothing here sniffs the environment.
+and native CPU backends rotate q and k in place on the fused QKV output, then store and attend).
+The layer spec picks the backend class explicitly; `AttentionBackend.default_for` looks only at
+the device and, on the CPU, at whether the native kernels build.
 
 Input is the fused QKV output of one rank, laid out per query group as Megatron-Core does:
 [t, g, n/g + 2, d] = for each group, its n/g query heads, then its key head, then its value head.
@@ -17,6 +18,7 @@ import logging
 import torch
 from torch import nn
 
+from tpserve.kernels import native
 from tpserve.kernels.attention import (
     paged_attention,
     paged_attention_reference,
@@ -24,7 +26,6 @@ from tpserve.kernels.attention import (
     varlen_attention,
     varlen_attention_reference,
 )
-from tpserve.kernels import native
 from tpserve.kernels.cpu_attention import paged_attention_cpu
 from tpserve.kernels.cpu_rope_store import rope_store_kv_cpu
 from tpserve.kernels.kv_cache import store_kv, store_kv_reference
@@ -39,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 class AttentionBackend(enum.Enum):
     TORCH = "torch"  # the kernels' torch references
-    CPU = "cpu"  # the references plus the native CPU attention kernel; the default on the CPU
+    CPU = "cpu"  # the native CPU kernels (kernels/csrc); the default on the CPU
     TRITON = "triton"  # the Triton kernels; the default on CUDA
 
     @classmethod
