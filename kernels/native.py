@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 _CSRC = Path(__file__).with_name("csrc")
-_SOURCES = ("paged_attention_cpu.c", "rope_store_kv_cpu.c", "transpose_cpu.c")
+_SOURCES = ("paged_attention_cpu.c", "rope_store_kv_cpu.c", "transpose_cpu.c", "linear_cpu.c")
 # Compiling with -ffast-math lets gcc vectorize the reductions and call glibc's vector expf.
 # Linking is a separate step without it: gcc links crtfastmath.o into anything linked with
 # -ffast-math, and loading that turns on flush-to-zero for the whole process (Python's own
@@ -115,6 +115,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn = lib.tpserve_transpose_f32
     fn.restype = None
     fn.argtypes = [ptr, i64, i64, i64, ptr, i64]  # src, rows, cols, its row stride, dst, its row stride
+    fn = lib.tpserve_linear_f32
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64]  # x, T, K, ldx, w, N, ldw, bias, y, ldy
     return lib
 
 

@@ -18,19 +18,15 @@ from tpserve.model.tensor_parallel.mappings import (
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
-from tpserve.kernels.cpu_transpose import transposed
+from tpserve.kernels.cpu_linear import linear_cpu
 from tpserve.model.tensor_parallel.sharding import REPLICATED, TensorSharding
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`; on the CPU, for up to 128 tokens (decode steps), computed as (W X^T)^T, which
-    MKL runs faster than X W^T there: SmolLM2's matmuls at 64 tokens take 23 ms against 27 ms per
-    6 layers on 2 cores, its output layer 27 against 36 ms. From ~160 tokens on X W^T wins. The
-    transpose back runs in the native kernel: torch's copy took ~20 ms of a 190 ms step."""
-    if x.device.type != "cpu" or x.dim() != 2 or x.shape[0] > 128:
-        return F.linear(x, weight, bias)
-    y = transposed(torch.mm(weight, x.t()))
-    return y if bias is None else y + bias
+    """`F.linear`; on the CPU, the path fastest for the number of tokens (kernels/cpu_linear.py)."""
+    if x.device.type == "cpu":
+        return linear_cpu(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _divide(numerator: int, denominator: int, what: str) -> int:
