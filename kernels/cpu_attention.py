@@ -16,7 +16,7 @@ _ERRORS = {  # the C kernel's return codes
     1: (MemoryError, "the CPU attention kernel could not allocate its scratch buffers"),
     2: (ValueError, "a sequence has more queries than tokens in the cache (cu_seqlens_q vs context_lens)"),
     3: (ValueError, "cu_seqlens_q must start at 0, not decrease, and end at most at the number of query rows"),
-    4: (IndexError, "a block table entry a sequence reads is not a block of the cache"),
+    4: (IndexError, "a block table entry a sequence reads is not a block of the cache, or lies past its table"),
 }
 
 
@@ -74,7 +74,7 @@ def paged_attention_cpu(
         query.data_ptr(), *query.stride()[:3],
         k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3],
         out.data_ptr(), out.stride(0), out.stride(1),
-        cu.data_ptr(), ctx.data_ptr(), tables.data_ptr(), tables.stride(0),
+        cu.data_ptr(), ctx.data_ptr(), tables.data_ptr(), tables.stride(0), tables.shape[1],
         t, k_cache.shape[0], b, g, hpg, d, block_size,
         softmax_scale, -1 if window_left is None or window_left < 0 else window_left,
     )  # fmt: skip

@@ -97,7 +97,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         ptr, i64, i64, i64,  # query, its row, kv-group and head strides
         ptr, ptr, i64, i64, i64,  # k_cache, v_cache, their block, slot and head strides
         ptr, i64, i64,  # out, its row and head strides
-        ptr, ptr, ptr, i64,  # cu_seqlens_q, context_lens, block_tables and its row stride
+        ptr, ptr, ptr, i64, i64,  # cu_seqlens_q, context_lens, block_tables, its row stride and width
         i32, i32, i32,  # num_rows (query rows), num_blocks (of the cache), num_seqs
         i32, i32, i32, i32,  # num_kv_heads, heads_per_group, head_dim, block_size
         f32, i32,  # softmax scale, window_left (-1: none)

@@ -122,7 +122,7 @@ int tpserve_paged_attention_f32(
     int64_t kv_stride_block, int64_t kv_stride_slot, int64_t kv_stride_head,
     float *out, int64_t out_stride_t, int64_t out_stride_h,
     const int32_t *cu_seqlens_q, const int32_t *context_lens,
-    const int32_t *block_tables, int64_t table_stride,
+    const int32_t *block_tables, int64_t table_stride, int64_t table_width,
     int32_t num_rows, int32_t num_blocks, int32_t num_seqs, int32_t num_kv_heads, int32_t heads_per_group, int32_t head_dim,
     int32_t block_size, float scale, int32_t window_left)
 {
@@ -163,7 +163,8 @@ int tpserve_paged_attention_f32(
             const int32_t lo = window_left >= 0 && pos - window_left > 0 ? pos - window_left : 0;
             const int32_t *table = block_tables + (int64_t)s * table_stride;
             int bad = 0;
-            for (int32_t blk = lo / block_size; blk <= pos / block_size; blk++)
+            bad |= pos / block_size >= table_width;  /* a context longer than its table */
+            for (int32_t blk = lo / block_size; blk <= pos / block_size && !bad; blk++)
                 bad |= table[blk] < 0 || table[blk] >= num_blocks;
             if (bad) {
 #pragma omp atomic write

@@ -96,6 +96,8 @@ def test_refuses_bad_inputs():
         paged_attention_cpu(q, k_cache, v_cache, cu, ctx_lens, tables + k_cache.shape[0], 1.0)
     with pytest.raises(IndexError, match="not a block of the cache"):
         paged_attention_cpu(q, k_cache, v_cache, cu, ctx_lens, -tables - 1, 1.0)
+    with pytest.raises(IndexError, match="past its table"):  # 5 tokens need 2 blocks of 4
+        paged_attention_cpu(q, k_cache, v_cache, cu, ctx_lens, tables[:, :1], 1.0)
 
 
 def test_loading_the_kernels_leaves_denormals_alone():
