@@ -47,6 +47,8 @@ def paged_attention_cpu(
     t, _, hpg, _ = query.shape
     L.check_shape("query", query, (t, g, hpg, d))
     n = g * hpg
+    if block_size <= 0 or d <= 0:
+        raise ValueError(f"k_cache has shape {list(k_cache.shape)}: blocks and heads must not be empty")
     if d % 8:
         raise ValueError(f"head dim {d} is not a multiple of 8, which the CPU kernel needs (use the torch backend)")
     for name, x in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
@@ -68,6 +70,8 @@ def paged_attention_cpu(
     L.check_shape("cu_seqlens_q", cu_seqlens_q, (b + 1,))
     L.check_shape("block_tables", block_tables, (b, None))
     cu, ctx, tables = _int32(cu_seqlens_q), _int32(context_lens), _int32(block_tables)
+    # The kernel takes an int32 window; one that covers any context is no window.
+    window = -1 if window_left is None or window_left < 0 or window_left >= 2**31 - 1 else window_left
     if b == 0 or t == 0:
         return out
     err = native.library().tpserve_paged_attention_f32(
@@ -76,7 +80,7 @@ def paged_attention_cpu(
         out.data_ptr(), out.stride(0), out.stride(1),
         cu.data_ptr(), ctx.data_ptr(), tables.data_ptr(), tables.stride(0), tables.shape[1],
         t, k_cache.shape[0], b, g, hpg, d, block_size,
-        softmax_scale, -1 if window_left is None or window_left < 0 else window_left,
+        softmax_scale, window,
     )  # fmt: skip
     if err:
         raise _ERRORS[err][0](_ERRORS[err][1])

@@ -22,15 +22,17 @@ TRANSPOSED_MAX_TOKENS = 128
 
 def linear_cpu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [t, K] @ weight [N, K]^T + bias [N] -> [t, N]."""
-    t = x.shape[0]
-    if x.dim() != 2 or t > TRANSPOSED_MAX_TOKENS:
+    if x.dim() != 2 or weight.dim() != 2 or x.shape[0] > TRANSPOSED_MAX_TOKENS:
         return F.linear(x, weight, bias)
+    t = x.shape[0]
     if (
         t in NATIVE_TOKENS
         and x.dtype == weight.dtype == torch.float32
+        and x.device.type == weight.device.type == "cpu"
         and x.stride(1) == 1
         and weight.stride(1) == 1
-        and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+        and (bias is None or (bias.dtype == torch.float32 and bias.device.type == "cpu"
+                              and bias.shape == weight.shape[:1] and bias.is_contiguous()))
         and native.available() is None
     ):
         n, k = weight.shape

@@ -36,8 +36,11 @@ def rope_store_kv_cpu(
     t, g, heads, d = qkv.shape
     L.check_shape("k_cache", k_cache, (None, None, g, d))
     L.check_shape("v_cache", v_cache, tuple(k_cache.shape))
-    L.check_shape("positions", positions, (t,))
-    L.check_shape("slot_mapping", slot_mapping, (t,))
+    for name, x in (("positions", positions), ("slot_mapping", slot_mapping)):
+        L.check_shape(name, x, (t,))
+        L.check_dtype(name, x, L.INDEX_DTYPES)
+        if x.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU, not {x.device}")
     tables = () if cos_cache is None else (("cos_cache", cos_cache), ("sin_cache", sin_cache))
     for name, x in (("qkv", qkv), ("k_cache", k_cache), ("v_cache", v_cache), *tables):
         if x.dtype != torch.float32 or x.device.type != "cpu":
@@ -50,6 +53,7 @@ def rope_store_kv_cpu(
         raise ValueError(f"qkv has {heads} heads per group; expected its query heads plus a key and a value head")
     rot_half = 0
     if cos_cache is not None:
+        L.check_shape("cos_cache", cos_cache, (None, None))
         rot_half = cos_cache.shape[1]
         L.check_shape("sin_cache", sin_cache, tuple(cos_cache.shape))
         if 2 * rot_half > d or cos_cache.stride(1) != 1 or sin_cache.stride() != cos_cache.stride():

@@ -56,10 +56,30 @@ def _compiler() -> str:
     return cc
 
 
-@functools.cache
 def library() -> ctypes.CDLL:
     """The compiled kernels, built on the first call of a process; NativeKernelsUnavailable
-    (with the compiler's message) where they cannot be built."""
+    (with the compiler's or the system's message) where they cannot be built or loaded. A
+    failure is found out once per process, not retried on every call."""
+    why_not = available()
+    if why_not is not None:
+        raise NativeKernelsUnavailable(why_not)
+    return _build_and_load()
+
+
+@functools.cache
+def available() -> str | None:
+    """None where the native kernels load; otherwise why not (found out once per process)."""
+    try:
+        _build_and_load()
+    except NativeKernelsUnavailable as e:
+        return str(e)
+    except OSError as e:  # an unwritable cache folder, a full disk, an unloadable file
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+@functools.cache
+def _build_and_load() -> ctypes.CDLL:
     if platform.system() != "Linux":
         raise NativeKernelsUnavailable(f"native kernels are built for Linux only, not {platform.system()}")
     cc = _compiler()
@@ -72,14 +92,18 @@ def library() -> ctypes.CDLL:
     for part in (*(p.read_bytes() for p in sources), " ".join(_COMPILE + _LINK).encode(), version.encode(), _cpu_flags().encode()):
         digest.update(part)
     target = _cache_dir() / f"tpserve_cpu_{digest.hexdigest()[:16]}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            objects = [str(Path(tmp) / f"{p.stem}.o") for p in sources]
-            for src, obj in zip(sources, objects):
-                _run([cc, *_COMPILE, "-o", obj, str(src)])
-            _run([cc, "-o", f"{tmp}/lib.so", *objects, *_LINK])
-            os.replace(f"{tmp}/lib.so", target)
+    if target.exists():
+        try:
+            return _declare(ctypes.CDLL(str(target)))
+        except OSError:  # a truncated or foreign file under our name: build it again
+            target.unlink(missing_ok=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        objects = [str(Path(tmp) / f"{p.stem}.o") for p in sources]
+        for src, obj in zip(sources, objects):
+            _run([cc, *_COMPILE, "-o", obj, str(src)])
+        _run([cc, "-o", f"{tmp}/lib.so", *objects, *_LINK])
+        os.replace(f"{tmp}/lib.so", target)
     return _declare(ctypes.CDLL(str(target)))
 
 
@@ -119,13 +143,3 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     fn.restype = ctypes.c_int
     fn.argtypes = [ptr, i64, i64, i64, ptr, i64, i64, ptr, ptr, i64]  # x, T, K, ldx, w, N, ldw, bias, y, ldy
     return lib
-
-
-@functools.cache
-def available() -> str | None:
-    """None where the native kernels load; otherwise why not (found out once per process)."""
-    try:
-        library()
-    except NativeKernelsUnavailable as e:
-        return str(e)
-    return None

@@ -138,7 +138,7 @@ int tpserve_paged_attention_f32(
     for (int32_t s = 0; s < num_seqs; s++) {
         const int32_t q_len = cu_seqlens_q[s + 1] - cu_seqlens_q[s], ctx = context_lens[s];
         if (q_len > ctx) { free(row_seq); return ERR_QUERIES; }
-        const int32_t keys = window_left >= 0 && window_left + 1 < ctx ? window_left + 1 : ctx;
+        const int32_t keys = window_left >= 0 && (int64_t)window_left + 1 < ctx ? window_left + 1 : ctx;
         if (keys > max_keys) max_keys = keys;
         for (int32_t r = cu_seqlens_q[s]; r < cu_seqlens_q[s + 1]; r++)
             row_seq[r] = s;

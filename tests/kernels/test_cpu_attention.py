@@ -106,3 +106,24 @@ def test_loading_the_kernels_leaves_denormals_alone():
     native.library()
     assert float("5e-324") > 0.0
     assert (torch.tensor([1e-39]) * 0.5).item() > 0.0
+
+
+def test_a_window_wider_than_int32_is_no_window():
+    """The kernel takes an int32 window: a wider one (a config may hold any) must mean 'none',
+    not wrap around to a small or negative one."""
+    gen = torch.Generator().manual_seed(5)
+    k_cache, v_cache, cu, ctx_lens, tables = paged_batch([(3, 900), (1, 40)], 1, 64, 16, CPU, gen)
+    q = torch.randn(4, 8, 64, generator=gen)
+    want = paged_attention_reference(q, k_cache, v_cache, cu, ctx_lens, tables, 0.125)
+    for window in (2**31 - 1, 2**32 + 100):
+        got = paged_attention_cpu(q, k_cache, v_cache, cu, ctx_lens, tables, 0.125, window)
+        torch.testing.assert_close(got, want, rtol=CPU.rtol, atol=CPU.atol)
+
+
+def test_empty_blocks_or_heads_are_refused():
+    q = torch.zeros(1, 2, 8)
+    one = torch.tensor([0, 1], dtype=torch.int32)
+    for shape in ((4, 0, 2, 8), (4, 4, 2, 0)):
+        cache = torch.zeros(shape)
+        with pytest.raises(ValueError, match="blocks and heads must not be empty"):
+            paged_attention_cpu(q[..., : shape[3]], cache, cache, one, one, torch.zeros(1, 1, dtype=torch.int32), 1.0)

@@ -36,3 +36,8 @@ def test_strided_rows_and_a_weight_shard():
 def test_refuses_a_feature_count_that_does_not_match():
     with pytest.raises(ValueError, match="input has 10 features, the weight takes 12"):
         linear_cpu(torch.zeros(16, 10), torch.zeros(4, 12))
+
+
+def test_a_bias_of_the_wrong_length_is_an_error_not_a_read_past_it():
+    with pytest.raises(RuntimeError):
+        linear_cpu(torch.zeros(16, 32), torch.zeros(1000, 32), torch.zeros(3))

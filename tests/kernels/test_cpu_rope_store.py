@@ -64,6 +64,10 @@ def test_refuses_bad_inputs():
         rope_store_kv_cpu(qkv, pos + 10, cos, sin, False, cache, cache.clone(), slots)
     with pytest.raises(IndexError, match="past the end of the cache"):
         rope_store_kv_cpu(qkv, pos, cos, sin, False, cache, cache.clone(), slots + 9)
+    with pytest.raises(ValueError, match="positions has dtype torch.float32"):
+        rope_store_kv_cpu(qkv, pos.float(), cos, sin, False, cache, cache.clone(), slots)
+    with pytest.raises(ValueError, match=r"cos_cache has shape \[10, 8, 1\]"):
+        rope_store_kv_cpu(qkv, pos, cos[..., None], sin[..., None], False, cache, cache.clone(), slots)
     with pytest.raises(ValueError, match="qkv must be a float32 CPU tensor"):
         rope_store_kv_cpu(qkv.double(), pos, cos, sin, False, cache, cache.clone(), slots)
     with pytest.raises(ValueError, match="do not fit head dim 16"):
