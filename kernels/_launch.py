@@ -62,6 +62,27 @@ def check_shape(name: str, tensor: torch.Tensor, expected: tuple[int | None, ...
         raise ValueError(f"{name} has shape {list(tensor.shape)}; expected {shown}")
 
 
+def check_cpu_float32(**tensors: torch.Tensor) -> None:
+    """The native CPU kernels read float32 host memory."""
+    for name, t in tensors.items():
+        if t.dtype != torch.float32 or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 CPU tensor, not {t.dtype} on {t.device}")
+
+
+def check_cpu_index(**tensors: torch.Tensor) -> None:
+    """Index tensors the native CPU kernels read from host memory."""
+    for name, t in tensors.items():
+        check_dtype(name, t, INDEX_DTYPES)
+        if t.device.type != "cpu":
+            raise ValueError(f"{name} must be on the CPU, not {t.device}")
+
+
+def contiguous_as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x itself where it already has dtype and a contiguous last dimension, else a converted copy
+    (what a kernel given a bare pointer and row strides can read)."""
+    return x if x.dtype == dtype and x.stride(-1) == 1 else x.to(dtype).contiguous()
+
+
 def check_unit_last_stride(**tensors: torch.Tensor) -> None:
     """Kernels address the last (head) dimension as contiguous; other strides are passed in."""
     for name, t in tensors.items():

@@ -20,10 +20,6 @@ _ERRORS = {  # the C kernel's return codes
 }
 
 
-def _int32(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.int32 and x.stride(-1) == 1 else x.to(torch.int32).contiguous()
-
-
 def paged_attention_cpu(
     query: torch.Tensor,  # [t, n, d] float32, or the grouped view [t, g, n/g, d] of the fused QKV
     k_cache: torch.Tensor,  # [num_blocks, block_size, g, d]
@@ -51,25 +47,19 @@ def paged_attention_cpu(
         raise ValueError(f"k_cache has shape {list(k_cache.shape)}: blocks and heads must not be empty")
     if d % 8:
         raise ValueError(f"head dim {d} is not a multiple of 8, which the CPU kernel needs (use the torch backend)")
-    for name, x in (("query", query), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise ValueError(f"{name} must be a float32 CPU tensor, not {x.dtype} on {x.device}")
-    for name, x in (("cu_seqlens_q", cu_seqlens_q), ("context_lens", context_lens), ("block_tables", block_tables)):
-        L.check_dtype(name, x, L.INDEX_DTYPES)
-        if x.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU, not {x.device}")
+    L.check_cpu_float32(query=query, k_cache=k_cache, v_cache=v_cache)
+    L.check_cpu_index(cu_seqlens_q=cu_seqlens_q, context_lens=context_lens, block_tables=block_tables)
     if out is None:
         out = torch.empty(t, n, d, dtype=torch.float32)
     L.check_shape("out", out, (t, n, d))
-    if out.dtype != torch.float32 or out.device.type != "cpu":
-        raise ValueError(f"out must be a float32 CPU tensor, not {out.dtype} on {out.device}")
+    L.check_cpu_float32(out=out)
     L.check_unit_last_stride(query=query, k_cache=k_cache, v_cache=v_cache, out=out)
     if k_cache.stride() != v_cache.stride():
         raise ValueError("k_cache and v_cache must share strides")
     b = context_lens.shape[0]
     L.check_shape("cu_seqlens_q", cu_seqlens_q, (b + 1,))
     L.check_shape("block_tables", block_tables, (b, None))
-    cu, ctx, tables = _int32(cu_seqlens_q), _int32(context_lens), _int32(block_tables)
+    cu, ctx, tables = (L.contiguous_as(x, torch.int32) for x in (cu_seqlens_q, context_lens, block_tables))
     # The kernel takes an int32 window; one that covers any context is no window.
     window = -1 if window_left is None or window_left < 0 or window_left >= 2**31 - 1 else window_left
     if b == 0 or t == 0:

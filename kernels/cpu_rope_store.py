@@ -18,10 +18,6 @@ _ERRORS = {  # the C kernel's return codes
 }
 
 
-def _int64(x: torch.Tensor) -> torch.Tensor:
-    return x if x.dtype == torch.int64 and x.is_contiguous() else x.to(torch.int64).contiguous()
-
-
 def rope_store_kv_cpu(
     qkv: torch.Tensor,  # [t, g, n/g + 2, d] float32; q and k heads rotated in place
     positions: torch.Tensor,  # [t] int
@@ -36,15 +32,11 @@ def rope_store_kv_cpu(
     t, g, heads, d = qkv.shape
     L.check_shape("k_cache", k_cache, (None, None, g, d))
     L.check_shape("v_cache", v_cache, tuple(k_cache.shape))
-    for name, x in (("positions", positions), ("slot_mapping", slot_mapping)):
-        L.check_shape(name, x, (t,))
-        L.check_dtype(name, x, L.INDEX_DTYPES)
-        if x.device.type != "cpu":
-            raise ValueError(f"{name} must be on the CPU, not {x.device}")
-    tables = () if cos_cache is None else (("cos_cache", cos_cache), ("sin_cache", sin_cache))
-    for name, x in (("qkv", qkv), ("k_cache", k_cache), ("v_cache", v_cache), *tables):
-        if x.dtype != torch.float32 or x.device.type != "cpu":
-            raise ValueError(f"{name} must be a float32 CPU tensor, not {x.dtype} on {x.device}")
+    L.check_shape("positions", positions, (t,))
+    L.check_shape("slot_mapping", slot_mapping, (t,))
+    L.check_cpu_index(positions=positions, slot_mapping=slot_mapping)
+    tables = {} if cos_cache is None else {"cos_cache": cos_cache, "sin_cache": sin_cache}
+    L.check_cpu_float32(qkv=qkv, k_cache=k_cache, v_cache=v_cache, **tables)
     L.check_unit_last_stride(qkv=qkv, k_cache=k_cache, v_cache=v_cache)
     L.check_paged_cache("k_cache", k_cache)
     if k_cache.stride() != v_cache.stride():
@@ -58,7 +50,7 @@ def rope_store_kv_cpu(
         L.check_shape("sin_cache", sin_cache, tuple(cos_cache.shape))
         if 2 * rot_half > d or cos_cache.stride(1) != 1 or sin_cache.stride() != cos_cache.stride():
             raise ValueError(f"cos/sin tables {list(cos_cache.shape)} do not fit head dim {d} (or are not row-major)")
-    pos, slots = _int64(positions), _int64(slot_mapping)
+    pos, slots = L.contiguous_as(positions, torch.int64), L.contiguous_as(slot_mapping, torch.int64)
     if t == 0:
         return
     err = native.library().tpserve_rope_store_kv_f32(

@@ -2,10 +2,11 @@
 
 The C sources are compiled on first use with the system C compiler, for this machine's CPU
 (-march=native), into the user's cache, and loaded with ctypes: no torch headers, so a build
-takes about a second, and no build step at install. The library's file name is a hash of the
-source, the flags, the compiler's version and the CPU's feature flags, so a changed source or a
+takes a few seconds, and no build step at install. The library's file name is a hash of the
+sources, the flags, the compiler's version and the CPU's feature flags, so a changed source or a
 different machine sharing the cache never loads a stale or foreign build. Several worker
-processes may build at once; each writes its own temporary file and renames it into place.
+processes may build at once; each builds in its own temporary folder and renames the library
+into place.
 """
 
 from __future__ import annotations

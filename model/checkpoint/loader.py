@@ -66,11 +66,10 @@ def load_model(
     info = read_checkpoint_info(path, require_weights=not random_weights)
     dtype = dtype or default_dtype(device)
     config = serving_config(info.config, parallel_state.world_size, dtype, parallel_output, info.path)
+    model = GPTModelBuilder(config).build_model(parallel_state, device, attention_backend)
     if random_weights:
-        model = GPTModelBuilder(config).build_model(parallel_state, device, attention_backend)
         return fill_random_weights(model, seed=parallel_state.rank)
     source = SafetensorsSource(info.path)  # checks every shard file against the index first
-    model = GPTModelBuilder(config).build_model(parallel_state, device, attention_backend)
     try:
         check_weights(model, source, parallel_state)
     except ValueError as e:
