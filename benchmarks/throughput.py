@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory", type=int, help="bytes of KV cache per rank (default: measured)")
+    p.add_argument("--enforce-eager", action="store_true", help="GPU: no CUDA graphs for decode steps")
     p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median is reported")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' batched generate")
     p.add_argument("--hf-batch-sizes", default="16,64", help="batch sizes tried for transformers (best kept)")
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint = Path(args.checkpoint) if args.checkpoint else prepare_default_model()
     info = read_checkpoint_info(checkpoint, require_weights=args.load_format == "auto")
     engine_args = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       load_format=args.load_format)
+                       load_format=args.load_format, enforce_eager=args.enforce_eager)
     if args.kv_cache_memory:
         engine_args["kv_cache_memory"] = args.kv_cache_memory
     started = time.perf_counter()

@@ -33,6 +33,9 @@ class EngineConfig:
     # "auto": the checkpoint's weights; "dummy": random weights drawn on the device, only the
     # checkpoint's config.json read (vLLM's --load-format dummy), for benchmarking large shapes.
     load_format: str = "auto"
+    # Never capture CUDA graphs: every decode step launches its kernels one by one (for
+    # profiling or debugging a kernel). CPU steps are always eager.
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from tpserve.engine.block_manager import BlockManager
 from tpserve.engine.config import EngineConfig
+from tpserve.engine.cuda_graph import cuda_graph_batch_sizes
 from tpserve.engine.executor import Executor
 from tpserve.engine.model_runner import StepResult
 from tpserve.engine.outputs import RequestOutput
@@ -69,6 +70,10 @@ class LLMEngine:
                 gpu_memory_utilization=config.gpu_memory_utilization,
                 eos_token_ids=sorted(eos),
                 random_weights=config.load_format == "dummy",
+                cuda_graph_batch_sizes=(
+                    cuda_graph_batch_sizes(config.max_num_seqs)
+                    if config.device == "cuda" and not config.enforce_eager else []
+                ),
             ),
             step_timeout=config.step_timeout,
         )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tpserve.engine.cuda_graph import CUDAGraphRunner
 from tpserve.engine.sampler import Sampler, SamplingBatch
 from tpserve.engine.step_plan import NewSequence, StepPlan
 from tpserve.model.gpt_model import GPTModel
@@ -46,7 +47,9 @@ class ModelRunner:
         eos_token_ids: list[int],
         is_driver: bool,
         device: torch.device,
+        cuda_graph_batch_sizes: list[int] = (),
     ) -> None:
+        """`cuda_graph_batch_sizes`: decode batch sizes to capture as CUDA graphs (empty: eager)."""
         self.model = model
         self.kv_cache = kv_cache
         self.is_driver = is_driver
@@ -64,6 +67,12 @@ class ModelRunner:
             device,
         )
         self.sampler = Sampler()
+        self.graphs = None
+        if cuda_graph_batch_sizes:
+            self.graphs = CUDAGraphRunner(
+                model, self.inference_params, cuda_graph_batch_sizes, max_blocks_per_seq * kv_cache.block_size, device
+            )
+            self.graphs.capture()
 
     def _apply(self, plan: StepPlan) -> None:
         for seq_id in plan.dropped_seq_ids:
@@ -107,12 +116,15 @@ class ModelRunner:
                 sample_rows.append((seq_id, num_samples, offset + num_new - 1))
         logits_indices = [r for _, _, r in prompt_rows] + [r for _, _, r in sample_rows]
         positions = self.inference_params.prepare(query_lens, context_lens, tables, logits_indices)
-        logits = self.model(
-            torch.tensor(ids, device=self.device),
-            positions,
-            inference_params=self.inference_params,
-            packed_seq_params=PackedSeqParams.from_lengths(query_lens, self.device),
-        )  # [len(logits_indices), V], on every rank (gathered)
+        if self.graphs is not None and self.graphs.can_run(len(query_lens), max(query_lens)):
+            logits = self.graphs.run(ids, positions)
+        else:
+            logits = self.model(
+                torch.tensor(ids, device=self.device),
+                positions,
+                inference_params=self.inference_params,
+                packed_seq_params=PackedSeqParams.from_lengths(query_lens, self.device),
+            )  # [len(logits_indices), V], on every rank (gathered)
         if not self.is_driver:
             return None
         result = StepResult()

@@ -13,7 +13,7 @@ import enum
 import os
 import signal
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ class WorkerConfig:
     gpu_memory_utilization: float
     eos_token_ids: list[int]
     random_weights: bool = False  # EngineConfig.load_format == "dummy"
+    cuda_graph_batch_sizes: list[int] = field(default_factory=list)  # decode sizes to capture; empty: eager
 
 
 def _available_cpu_memory() -> int:
@@ -128,6 +129,7 @@ def _serve(rank: int, config: WorkerConfig, conn) -> None:
         eos_token_ids=config.eos_token_ids,
         is_driver=rank == 0,
         device=device,
+        cuda_graph_batch_sizes=config.cuda_graph_batch_sizes,
     )
     conn.send(("ready", None))
     while True:

@@ -84,3 +84,19 @@ class InferenceParams:
             self._logits_indices[:k].copy_(torch.tensor(logits_indices, dtype=torch.int64))
             self.logits_indices = self._logits_indices[:k]
         return torch.tensor(positions, dtype=torch.int64, device=self._slot_mapping.device)
+
+    def pad_decode(self, num_seqs: int, padded_num_seqs: int) -> None:
+        """Extend the prepared decode step of `num_seqs` sequences to `padded_num_seqs`, the
+        batch size of a captured CUDA graph. A padding sequence stores nothing (slot -1) and
+        attends to the first key of whatever block its table row names (every row holds valid
+        block ids: zeros, or an earlier step's), so its output row is finite and is dropped.
+        Logits are then computed for every row."""
+        if not 0 <= num_seqs <= padded_num_seqs <= min(self._context_lens.numel(), self._slot_mapping.numel()):
+            raise ValueError(f"cannot pad a decode step of {num_seqs} sequences to {padded_num_seqs}")
+        self._context_lens[num_seqs:padded_num_seqs] = 1
+        self._slot_mapping[num_seqs:padded_num_seqs] = -1
+        self.block_tables = self._block_tables[:padded_num_seqs]
+        self.context_lens = self._context_lens[:padded_num_seqs]
+        self.slot_mapping = self._slot_mapping[:padded_num_seqs]
+        self.max_context_len = max(self.max_context_len, 1)
+        self.logits_indices = None

@@ -199,6 +199,11 @@ def _add_serve(subparsers) -> None:
         "--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
         help="share of each GPU's memory tpserve may use when sizing the KV cache itself (default 0.9)",
     )
+    model.add_argument(
+        "--enforce-eager", action="store_true",
+        help="on a GPU, launch every decode step's kernels one by one instead of replaying CUDA graphs "
+             "captured at start-up (slower at small batches; for profiling). CPU steps are always eager",
+    )
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default 127.0.0.1; 0.0.0.0 listens on every interface)")
@@ -263,7 +268,7 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             checkpoint, tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-            dtype=None if args.dtype == "auto" else parse_dtype(args.dtype),
+            enforce_eager=args.enforce_eager, dtype=None if args.dtype == "auto" else parse_dtype(args.dtype),
         )
         server_config = ServerConfig(
             model_name=args.served_model_name or checkpoint.resolve().name, api_key=args.api_key,

@@ -5,10 +5,14 @@ from __future__ import annotations
 import torch
 import transformers
 
+from tpserve.engine.model_runner import ModelRunner
+from tpserve.engine.sampling_params import SamplingParams
+from tpserve.engine.step_plan import NewSequence, StepPlan
 from tpserve.model.builder import GPTModelBuilder, GPTModelConfig
 from tpserve.model.checkpoint.hf import gpt_config_from_hf, megatron_state_dict_from_hf
 from tpserve.model.checkpoint.load import load_weights
 from tpserve.model.checkpoint.sources import DictSource
+from tpserve.model.core_attention import AttentionBackend
 from tpserve.model.gpt_model import GPTModel
 from tpserve.model.inference_params import InferenceParams
 from tpserve.model.kv_cache import KVCache
@@ -85,8 +89,14 @@ def converted(hf_model) -> tuple[GPTModelConfig, dict[str, torch.Tensor]]:
     return config, megatron_state_dict_from_hf(hf_model.state_dict(), config)
 
 
-def build(config: GPTModelConfig, state: dict[str, torch.Tensor], ps: ParallelState = ParallelState()) -> GPTModel:
-    model = GPTModelBuilder(config.with_tensor_parallel_size(ps.world_size)).build_model(ps)
+def build(
+    config: GPTModelConfig,
+    state: dict[str, torch.Tensor],
+    ps: ParallelState = ParallelState(),
+    device: str = "cpu",
+    attention_backend: AttentionBackend | None = None,
+) -> GPTModel:
+    model = GPTModelBuilder(config.with_tensor_parallel_size(ps.world_size)).build_model(ps, device, attention_backend)
     load_weights(model, DictSource(state), ps)
     return model
 
@@ -200,3 +210,72 @@ def random_checkpoint(folder, case: str = "llama_gqa", seed: int = 0):
     config, state = converted(hf_model)
     path = save_checkpoint(folder / "checkpoint", config, state, tokenizer_dir=folder / "tokenizer", dtype=torch.float32)
     return path, hf_model
+
+
+class StepPlanner:
+    """Step plans for a `ModelRunner`, shaped as the engine sends them: a sequence is sent whole
+    the first time it is scheduled and prefilled in that step, then fed as deltas (its new
+    tokens, its new blocks). Blocks come from a shuffled free list. Greedy, with top-3 logprobs."""
+
+    def __init__(self, num_blocks: int, block_size: int, seed: int = 0) -> None:
+        self.block_size = block_size
+        self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
+        self.tables: dict[int, list[int]] = {}
+        self.lens: dict[int, int] = {}
+        self.params = SamplingParams(temperature=0.0, logprobs=3, max_tokens=1000)
+
+    def plan(self, batch: dict[int, list[int]]) -> bytes:
+        """The encoded plan of one step feeding each sequence id its new tokens."""
+        plan = StepPlan()
+        for seq_id, tokens in batch.items():
+            new = seq_id not in self.tables
+            table = self.tables.setdefault(seq_id, [])
+            start, first_new_block = self.lens.get(seq_id, 0), len(table)
+            self.lens[seq_id] = start + len(tokens)
+            while len(table) * self.block_size < self.lens[seq_id]:
+                table.append(self.free.pop())
+            if new:
+                plan.new_sequences.append(NewSequence(seq_id, list(tokens), len(tokens), list(table), self.params, seq_id, 0))
+                first_new_block = len(table)
+            plan.seq_ids.append(seq_id)
+            plan.num_computed_tokens.append(start)
+            plan.num_scheduled_tokens.append(len(tokens))
+            plan.num_samples.append(1)
+            plan.appended_tokens.append([] if new else list(tokens))
+            plan.block_starts.append(first_new_block)
+            plan.block_tails.append(table[first_new_block:])
+        return plan.encode()
+
+
+def model_runner(model: GPTModel, device: str = "cpu", cuda_graph_batch_sizes: list[int] = (), num_blocks: int = 64,
+                 block_size: int = 4) -> ModelRunner:
+    """A driver-rank `ModelRunner` over a fresh cache, up to 8 sequences and 128 tokens a step."""
+    cache = KVCache(model.config, num_blocks, block_size, dtype=model.config.params_dtype, device=device)
+    model.bind_kv_cache(cache)
+    return ModelRunner(model, cache, max_num_seqs=8, max_num_batched_tokens=128, max_blocks_per_seq=num_blocks,
+                       eos_token_ids=[], is_driver=True, device=torch.device(device),
+                       cuda_graph_batch_sizes=list(cuda_graph_batch_sizes))
+
+
+def compare_runners(eager, graphed, steps: list[list[int]], prompts: dict[int, list[int]], rtol: float, atol: float):
+    """Run the same plans through two `ModelRunner`s: a sequence id's first step feeds its
+    prompt, each later one the token the eager runner sampled last. Every sample must agree
+    (token, logprob and top-3), and so must the caches at the end. `steps` lists the sequence
+    ids of each step."""
+    planner = StepPlanner(eager.kv_cache.num_blocks, eager.kv_cache.block_size, seed=1)
+    last: dict[int, int] = {}
+    for seq_ids in steps:
+        data = planner.plan({i: [last[i]] if i in last else prompts[i] for i in seq_ids})
+        want = eager.execute(StepPlan.decode(data))
+        got = graphed.execute(StepPlan.decode(data))
+        assert sorted(got.samples) == sorted(want.samples) == sorted(seq_ids)
+        for i in seq_ids:
+            (g,), (w,) = got.samples[i], want.samples[i]
+            assert g.token_id == w.token_id, (seq_ids, i)
+            torch.testing.assert_close(g.logprob, w.logprob, rtol=rtol, atol=atol)
+            assert [t for t, _ in g.top] == [t for t, _ in w.top]
+            torch.testing.assert_close([v for _, v in g.top], [v for _, v in w.top], rtol=rtol, atol=atol)
+            last[i] = w.token_id
+    # Both stored the same keys and values, and nothing else (a padding row stores nothing).
+    torch.testing.assert_close(graphed.kv_cache.buffer, eager.kv_cache.buffer, rtol=rtol, atol=atol)
+

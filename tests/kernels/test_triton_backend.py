@@ -11,13 +11,10 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import PagedStepper, build, converted, random_hf_model
+from helpers import PagedStepper, build, compare_runners, converted, model_runner, random_hf_model
 
-from tpserve.model.builder import GPTModelBuilder
-from tpserve.model.checkpoint.load import load_weights
-from tpserve.model.checkpoint.sources import DictSource
+from tpserve.engine import cuda_graph
 from tpserve.model.core_attention import AttentionBackend, TritonDotProductAttention
-from tpserve.model.parallel_state import ParallelState
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 
@@ -34,8 +31,7 @@ def models(request):
     if variant == "interleaved":
         config = dataclasses.replace(config, transformer=dataclasses.replace(config.transformer, rotary_interleaved=True))
     torch_model = build(config, state)
-    triton_model = GPTModelBuilder(config).build_model(attention_backend=AttentionBackend.TRITON)
-    load_weights(triton_model, DictSource(state), ParallelState())
+    triton_model = build(config, state, attention_backend=AttentionBackend.TRITON)
     assert isinstance(triton_model.decoder.layers[0].self_attention.core_attention, TritonDotProductAttention)
     return torch_model, triton_model
 
@@ -62,3 +58,28 @@ def test_paged_steps(interpreter, models):
     for batch in steps:
         for got, want in zip(ours.step(batch), theirs.step(batch), strict=True):
             torch.testing.assert_close(got, want, **TOL)
+
+
+def test_decode_steps_replayed_from_padded_graphs(interpreter, monkeypatch):
+    """The Triton kernels behind `CUDAGraphRunner` (tests/engine/test_cuda_graph.py has the
+    whole story): padded decode steps give the samples and cache of eager ones. In the
+    interpreter no graph is captured; the stand-in re-runs the captured forward at each replay."""
+    replays = []
+
+    def capture_stand_in(forward, pool):
+        out = forward()
+
+        def replay():
+            replays.append(out.shape[0])
+            out.copy_(forward())
+
+        return replay, out, pool
+
+    monkeypatch.setattr(cuda_graph, "capture_graph", capture_stand_in)
+    config, state = converted(random_hf_model("llama_gqa", seed=3))
+    eager = model_runner(build(config, state, attention_backend=AttentionBackend.TRITON))
+    graphed = model_runner(build(config, state, attention_backend=AttentionBackend.TRITON), cuda_graph_batch_sizes=[2, 4])
+    gen = torch.Generator().manual_seed(4)
+    prompts = {i: torch.randint(0, 301, (n,), generator=gen).tolist() for i, n in enumerate([5, 2, 7])}
+    compare_runners(eager, graphed, [[0, 1, 2], [0, 1, 2], [1], [0, 2]], prompts, **TOL)
+    assert replays == [4, 2, 2]
