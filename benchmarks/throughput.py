@@ -124,6 +124,7 @@ def time_hf(checkpoint: Path, prompts: list[list[int]], output_len: int, batch_s
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from tpserve import LLM
+    from tpserve.engine.llm_engine import StepTimes
     from tpserve.model.checkpoint import prepare_default_model, read_checkpoint_info
 
     if args.compare_hf and (args.hf_config or args.load_format == "dummy"):
@@ -149,7 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
     output_tokens = args.num_prompts * args.output_len
     try:
         time_tpserve(llm, prompts[: min(8, len(prompts))], 8)  # warm-up
+        llm.engine.step_times = StepTimes()
         runs = [time_tpserve(llm, prompts, args.output_len) for _ in range(args.repeats)]
+        steps = llm.engine.step_times
         preemptions = llm.engine.scheduler.num_preemptions
     finally:
         llm.shutdown()
@@ -172,8 +175,16 @@ def main(argv: list[str] | None = None) -> dict:
         "output_tokens_per_s": round(output_tokens / elapsed, 2),
         "total_tokens_per_s": round((input_tokens + output_tokens) / elapsed, 2),
         "preemptions": preemptions,
+        "steps": steps.num_steps,
+        "step_ms": round(1e3 * steps.total_s / steps.num_steps, 3),
+        # The engine's host work per step (scheduling, the plan, applying results): the share of
+        # a step the ranks wait on it.
+        "engine_ms_per_step": round(1e3 * steps.engine_s / steps.num_steps, 3),
+        "engine_share_of_step": round(steps.engine_s / steps.total_s, 4),
     }
     print(f"Startup: {startup_s:.1f} s")
+    print(f"Steps: {steps.num_steps}, {result['step_ms']:.2f} ms each, of which the engine's own work (scheduling, "
+          f"plan, results) {result['engine_ms_per_step']:.2f} ms ({100 * result['engine_share_of_step']:.1f}%)")
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.1f} total tokens/s, "
           f"{result['output_tokens_per_s']:.1f} output tokens/s (median of {len(runs)}: {result['runs_s']} s)")
     if args.compare_hf:

@@ -162,12 +162,15 @@ class BlockManager:
         """Register seq's blocks that became full (all their K/V computed) in the prefix cache."""
         if not self.enable_prefix_caching:
             return
-        prefix_hash = None
-        for i in range(seq.num_computed_tokens // self.block_size):
+        # Named blocks are a prefix of the table (named in order, found in order on a hit): look
+        # back from the last full block to the last named one, not forward from the first.
+        num_full = seq.num_computed_tokens // self.block_size
+        start = num_full
+        while start and self.blocks[seq.block_table[start - 1]].hash is None:
+            start -= 1
+        prefix_hash = self.blocks[seq.block_table[start - 1]].hash if start else None
+        for i in range(start, num_full):
             block = self.blocks[seq.block_table[i]]
-            if block.hash is not None:
-                prefix_hash = block.hash
-                continue
             tokens = tuple(seq.tokens(i * self.block_size, (i + 1) * self.block_size))
             prefix_hash = block_hash(prefix_hash, tokens)
             block.hash, block.token_ids = prefix_hash, tokens

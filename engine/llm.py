@@ -48,9 +48,8 @@ class LLM:
             self.engine.add_request(request_id, prompt, p)
         final: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for output in self.engine.step():
-                if output.finished:
-                    final[output.request_id] = output
+            for output in self.engine.step(only_finished=True):
+                final[output.request_id] = output
         return [final[i] for i in ids]
 
     def shutdown(self) -> None:

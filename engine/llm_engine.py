@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from dataclasses import dataclass
 
 from transformers import AutoTokenizer
@@ -36,6 +37,17 @@ class EngineStats:
     kv_cache_usage: float  # fraction of blocks held by sequences
     num_preemptions: int
     num_prefix_cache_hit_blocks: int
+
+
+@dataclass
+class StepTimes:
+    """Wall time of the steps run so far: all of it, and the engine's own share (scheduling,
+    building the plan, applying the results: appending, detokenizing, stops), which the workers
+    wait on. The rest is the executor's: sending the plan, the ranks' step, the answer."""
+
+    num_steps: int = 0
+    engine_s: float = 0.0
+    total_s: float = 0.0
 
 
 class LLMEngine:
@@ -70,8 +82,9 @@ class LLMEngine:
                 gpu_memory_utilization=config.gpu_memory_utilization,
                 eos_token_ids=sorted(eos),
                 random_weights=config.load_format == "dummy",
+                # A decode batch is at most max_num_seqs sequences and max_num_batched_tokens tokens.
                 cuda_graph_batch_sizes=(
-                    cuda_graph_batch_sizes(config.max_num_seqs)
+                    cuda_graph_batch_sizes(min(config.max_num_seqs, config.max_num_batched_tokens))
                     if config.device == "cuda" and not config.enforce_eager else []
                 ),
             ),
@@ -93,6 +106,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
+        self.step_times = StepTimes()
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
 
     # --- requests ---
@@ -162,14 +176,24 @@ class LLMEngine:
         )
 
     # --- steps ---
-    def step(self) -> list[RequestOutput]:
-        """Run one step; the outputs of the requests that moved (cumulative, finished ones last)."""
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        """Run one step; the outputs of the requests that moved (cumulative, finished ones last),
+        or of those that finished only (offline generation: an output copies every token so far)."""
         self.executor.check()
+        start = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
-        result = self.executor.execute(self._plan(scheduled))
-        return self._update(scheduled, result)
+        plan = self._plan(scheduled)
+        sent = time.perf_counter()
+        result = self.executor.execute(plan)
+        returned = time.perf_counter()
+        outputs = self._update(scheduled, result, only_finished)
+        end = time.perf_counter()
+        self.step_times.num_steps += 1
+        self.step_times.engine_s += (sent - start) + (end - returned)
+        self.step_times.total_s += end - start
+        return outputs
 
     def _plan(self, scheduled: list[ScheduledSequence]) -> StepPlan:
         plan = StepPlan(dropped_seq_ids=self.scheduler.dropped_seq_ids, block_copies=self.block_manager.pending_copies)
@@ -201,7 +225,7 @@ class LLMEngine:
             plan.block_tails.append(seq.block_table[start:])
         return plan
 
-    def _update(self, scheduled: list[ScheduledSequence], result: StepResult) -> list[RequestOutput]:
+    def _update(self, scheduled: list[ScheduledSequence], result: StepResult, only_finished: bool) -> list[RequestOutput]:
         moved: dict[str, Request] = {}
         for item in scheduled:
             seq = item.seq
@@ -223,9 +247,11 @@ class LLMEngine:
             self._on_token(request, seq, samples[0])
         outputs = []
         for request in moved.values():
-            outputs.append(request.output())
             if request.finished:
                 del self.requests[request.request_id]
+            elif only_finished:
+                continue
+            outputs.append(request.output())
         return outputs
 
     def _on_token(self, request: Request, seq: Sequence, sample) -> None:

@@ -58,6 +58,8 @@ class Request:
             for _ in self.seqs
         ]
         self.texts = ["" for _ in self.seqs]
+        # Samples finished (`finish` is called once for each); read every step, so counted, not scanned.
+        self.num_finished = 0
         self.prompt_logprobs: list[Logprob | None] | None = (
             [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
         )
@@ -65,7 +67,7 @@ class Request:
 
     @property
     def finished(self) -> bool:
-        return all(seq.is_finished for seq in self.seqs)
+        return self.num_finished == len(self.seqs)
 
     @property
     def pending_forks(self) -> list[Sequence]:
@@ -109,7 +111,8 @@ class Request:
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
-        if all(s.is_finished or s is seq for s in self.seqs):
+        self.num_finished += 1
+        if self.finished:
             self.metrics.finished_time = time.monotonic()
 
     def output(self) -> RequestOutput:

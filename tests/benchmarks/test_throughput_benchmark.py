@@ -56,6 +56,9 @@ def test_throughput_runs_an_architecture_with_random_weights(hf_config, tmp_path
                               "--output-len", "4", "--repeats", "1", "--output-json", str(out)])
     assert result["setup"]["load_format"] == "dummy"
     assert result["output_tokens"] == 12 and result["output_tokens_per_s"] > 0
+    # One step prefills the three prompts (and samples their first tokens), three decode.
+    assert result["steps"] == 4
+    assert 0 < result["engine_ms_per_step"] < result["step_ms"] and 0 < result["engine_share_of_step"] < 1
     assert json.loads(out.read_text())["runs_s"] == result["runs_s"]
     with pytest.raises(SystemExit, match="--compare-hf needs the checkpoint's weights"):
         throughput.main(["--hf-config", str(hf_config), "--compare-hf"])
