@@ -139,10 +139,13 @@ class ModelRunner:
         repeat, inputs = [], []
         for seq_id, num_samples, _ in rows:
             state = self.sequences[seq_id]
-            output = state.token_ids[state.num_prompt_tokens :]
+            n_prompt = state.num_prompt_tokens
+            # Copies of the prompt and output grow with the sequence: made only for a penalty.
+            history = state.params.penalizes_history
+            prompt, output = (state.token_ids[:n_prompt], state.token_ids[n_prompt:]) if history else ((), ())
             for k in range(num_samples):
                 index = state.sample_index if num_samples == 1 else k
-                inputs.append((state.params, state.token_ids[: state.num_prompt_tokens], output, state.seed, index, len(output)))
+                inputs.append((state.params, prompt, output, state.seed, index, len(state.token_ids) - n_prompt))
             repeat.append(num_samples)
         if any(r != 1 for r in repeat):  # a fork: its row is repeated n times
             logits = logits.repeat_interleave(torch.tensor(repeat, device=logits.device), dim=0)  # [samples, V]

@@ -41,11 +41,12 @@ class SamplingRow(NamedTuple):
     """What one row of a step samples with (a plain tuple in this order works too)."""
 
     params: SamplingParams
+    # The tokens so far; read only by penalties (params.penalizes_history), may be empty otherwise.
     prompt_token_ids: Sequence[int]
     output_token_ids: Sequence[int]
     seed: int  # always set: the engine draws one for unseeded requests
     sample_index: int  # which of the request's n samples
-    output_position: int  # == len(output_token_ids): which output token this row draws
+    output_position: int  # the number of output tokens so far: which output token this row draws
 
 
 @dataclass

@@ -70,6 +70,11 @@ class SamplingParams:
             if getattr(self, name) is not None:
                 _int(self, name, low=0, high=MAX_LOGPROBS)
 
+    @property
+    def penalizes_history(self) -> bool:
+        """Whether sampling reads the tokens so far (a repetition, presence or frequency penalty)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
     def check_token_ids(self, vocab_size: int) -> None:
         """Token ids given by the user must exist; checked when a request arrives, since the
         params alone do not know the model."""

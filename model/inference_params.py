@@ -57,7 +57,6 @@ class InferenceParams:
                 f"/ max_num_tokens={self._slot_mapping.numel()}"
             )
         positions, slots = [], []
-        table_rows = torch.zeros(b, self.max_blocks_per_seq, dtype=torch.int32)
         for i, (q_len, ctx, table) in enumerate(zip(query_lens, context_lens, block_tables, strict=True)):
             if not 0 <= q_len <= ctx or len(table) * self.block_size < ctx:
                 raise ValueError(
@@ -66,11 +65,15 @@ class InferenceParams:
                 )
             if len(table) > self.max_blocks_per_seq:
                 raise ValueError(f"sequence {i}: {len(table)} blocks > max_blocks_per_seq={self.max_blocks_per_seq}")
-            table_rows[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
             for pos in range(ctx - q_len, ctx):
                 positions.append(pos)
                 slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-        self._block_tables[:b].copy_(table_rows)
+        # One copy of the step's widest table: columns past it are never read (a sequence reads
+        # its first ceil(context / block_size) entries), so they may keep an earlier step's ids.
+        width = max(map(len, block_tables), default=0)
+        if width:
+            padded = [table + [0] * (width - len(table)) for table in block_tables]
+            self._block_tables[:b, :width].copy_(torch.tensor(padded, dtype=torch.int32))
         self._context_lens[:b].copy_(torch.tensor(context_lens, dtype=torch.int32))
         self._slot_mapping[:t].copy_(torch.tensor(slots, dtype=torch.int64))
         self.block_tables = self._block_tables[:b]
