@@ -257,6 +257,23 @@ def model_runner(model: GPTModel, device: str = "cpu", cuda_graph_batch_sizes: l
                        cuda_graph_batch_sizes=list(cuda_graph_batch_sizes))
 
 
+def eager_capture_stand_in(replays: list[int]):
+    """A stand-in for `cuda_graph.capture_graph` where no graph can be captured: "capture" runs
+    the forward once, and each replay runs it again on the same static buffers into the same
+    output, appending its batch size to `replays`."""
+
+    def capture(forward, pool):
+        out = forward()
+
+        def replay():
+            replays.append(out.shape[0])
+            out.copy_(forward())
+
+        return replay, out, pool
+
+    return capture
+
+
 def compare_runners(eager, graphed, steps: list[list[int]], prompts: dict[int, list[int]], rtol: float, atol: float):
     """Run the same plans through two `ModelRunner`s: a sequence id's first step feeds its
     prompt, each later one the token the eager runner sampled last. Every sample must agree

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import build, compare_runners, converted, model_runner, random_hf_model
+from helpers import build, compare_runners, converted, eager_capture_stand_in, model_runner, random_hf_model
 
 from tpserve import LLM, SamplingParams
 from tpserve.engine import cuda_graph
@@ -55,16 +55,7 @@ def _prompts() -> dict[int, list[int]]:
 def test_decode_steps_replay_padded_graphs(device, monkeypatch, sizes, replayed):
     replays: list[int] = []
     if device == "cpu":
-        def capture_stand_in(forward, pool):
-            out = forward()
-
-            def replay():
-                replays.append(out.shape[0])
-                out.copy_(forward())
-
-            return replay, out, pool
-
-        monkeypatch.setattr(cuda_graph, "capture_graph", capture_stand_in)
+        monkeypatch.setattr(cuda_graph, "capture_graph", eager_capture_stand_in(replays))
     eager_model, graphed_model = _twin_models(device)
     eager = model_runner(eager_model, device)
     graphed = model_runner(graphed_model, device, cuda_graph_batch_sizes=sizes)

@@ -11,7 +11,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import PagedStepper, build, compare_runners, converted, model_runner, random_hf_model
+from helpers import PagedStepper, build, compare_runners, converted, eager_capture_stand_in, model_runner, random_hf_model
 
 from tpserve.engine import cuda_graph
 from tpserve.model.core_attention import AttentionBackend, TritonDotProductAttention
@@ -65,17 +65,7 @@ def test_decode_steps_replayed_from_padded_graphs(interpreter, monkeypatch):
     whole story): padded decode steps give the samples and cache of eager ones. In the
     interpreter no graph is captured; the stand-in re-runs the captured forward at each replay."""
     replays = []
-
-    def capture_stand_in(forward, pool):
-        out = forward()
-
-        def replay():
-            replays.append(out.shape[0])
-            out.copy_(forward())
-
-        return replay, out, pool
-
-    monkeypatch.setattr(cuda_graph, "capture_graph", capture_stand_in)
+    monkeypatch.setattr(cuda_graph, "capture_graph", eager_capture_stand_in(replays))
     config, state = converted(random_hf_model("llama_gqa", seed=3))
     eager = model_runner(build(config, state, attention_backend=AttentionBackend.TRITON))
     graphed = model_runner(build(config, state, attention_backend=AttentionBackend.TRITON), cuda_graph_batch_sizes=[2, 4])
