@@ -32,15 +32,21 @@ def cuda_graph_batch_sizes(max_num_seqs: int) -> list[int]:
     return [s for s in (1, 2, 4, *range(8, max_num_seqs, 8)) if s < max_num_seqs] + [max_num_seqs]
 
 
-def capture_graph(forward: Callable[[], torch.Tensor], pool) -> tuple[Callable[[], None], torch.Tensor, object]:
-    """Capture `forward` (already run once, so every kernel is compiled) into a CUDA graph that
-    takes its memory from `pool` (None: a new pool); returns its replay, its static output and
-    its pool, for the next capture to share."""
+def capture_graph(forward: Callable[[], None], pool) -> tuple[Callable[[], None], object]:
+    """Capture `forward` into a CUDA graph that takes its memory from `pool` (None: a new pool);
+    returns its replay and its pool, for the next capture to share. `forward` runs once first,
+    on the capture's own stream, as torch asks: that compiles the Triton kernels and gives the
+    stream its cuBLAS workspace outside the graph."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        forward()
+    torch.cuda.current_stream().wait_stream(stream)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        out = forward()
-    return graph.replay, out, graph.pool()
+    with torch.cuda.graph(graph, pool=pool, stream=stream):
+        forward()
+    return graph.replay, graph.pool()
 
 
 class CUDAGraphRunner:
@@ -60,16 +66,19 @@ class CUDAGraphRunner:
         self.input_ids = torch.zeros(largest, dtype=torch.int64, device=device)
         self.positions = torch.zeros(largest, dtype=torch.int64, device=device)
         self.cu_seqlens = torch.arange(largest + 1, dtype=torch.int32, device=device)  # one query each
+        # Every graph's logits land here ([size, V] of it): one output for all sizes, where a
+        # graph's own output would stay allocated in the pool (35 of them at 256 sequences).
+        self.logits = torch.empty(largest, model.unpadded_vocab_size, dtype=model.config.params_dtype, device=device)
         self._replays: dict[int, Callable[[], None]] = {}
-        self._logits: dict[int, torch.Tensor] = {}  # static output of each graph: [size, V]
 
-    def _forward(self, size: int) -> torch.Tensor:
-        return self.model(
+    def _forward(self, size: int) -> None:
+        logits = self.model(
             self.input_ids[:size],
             self.positions[:size],
             inference_params=self.inference_params,
             packed_seq_params=PackedSeqParams(cu_seqlens_q=self.cu_seqlens[: size + 1], max_seqlen_q=1),
         )
+        self.logits[:size].copy_(logits)
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -79,8 +88,7 @@ class CUDAGraphRunner:
         for size in reversed(self.batch_sizes):
             self.inference_params.pad_decode(0, size)
             self.inference_params.max_context_len = self.max_context_len
-            self._forward(size)  # compiles the Triton kernels for this size outside the capture
-            self._replays[size], self._logits[size], pool = capture_graph(functools.partial(self._forward, size), pool)
+            self._replays[size], pool = capture_graph(functools.partial(self._forward, size), pool)
 
     def can_run(self, num_seqs: int, max_seqlen_q: int) -> bool:
         return max_seqlen_q == 1 and 0 < num_seqs <= self.batch_sizes[-1]
@@ -95,5 +103,4 @@ class CUDAGraphRunner:
         self.positions[:b].copy_(positions)
         self.inference_params.pad_decode(b, size)
         self._replays[size]()
-        logits = self._logits[size]
-        return logits[:b].clone() if rows is None else logits.index_select(0, rows)
+        return self.logits[:b].clone() if rows is None else self.logits.index_select(0, rows)

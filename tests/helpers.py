@@ -249,27 +249,22 @@ class StepPlanner:
 
 def model_runner(model: GPTModel, device: str = "cpu", cuda_graph_batch_sizes: list[int] = (), num_blocks: int = 64,
                  block_size: int = 4) -> ModelRunner:
-    """A driver-rank `ModelRunner` over a fresh cache, up to 8 sequences and 128 tokens a step."""
+    """A driver-rank `ModelRunner` over a fresh cache, up to 8 sequences and 1024 tokens a step."""
     cache = KVCache(model.config, num_blocks, block_size, dtype=model.config.params_dtype, device=device)
     model.bind_kv_cache(cache)
-    return ModelRunner(model, cache, max_num_seqs=8, max_num_batched_tokens=128, max_blocks_per_seq=num_blocks,
+    return ModelRunner(model, cache, max_num_seqs=8, max_num_batched_tokens=1024, max_blocks_per_seq=num_blocks,
                        eos_token_ids=[], is_driver=True, device=torch.device(device),
                        cuda_graph_batch_sizes=list(cuda_graph_batch_sizes))
 
 
 def eager_capture_stand_in(replays: list[int]):
     """A stand-in for `cuda_graph.capture_graph` where no graph can be captured: "capture" runs
-    the forward once, and each replay runs it again on the same static buffers into the same
-    output, appending its batch size to `replays`."""
+    the forward once, and each replay runs it again on the same static buffers, appending the
+    batch size it serves (the runner's forward is `functools.partial(_forward, size)`) to `replays`."""
 
     def capture(forward, pool):
-        out = forward()
-
-        def replay():
-            replays.append(out.shape[0])
-            out.copy_(forward())
-
-        return replay, out, pool
+        forward()
+        return lambda: (replays.append(forward.args[0]), forward()), pool
 
     return capture
 

@@ -20,8 +20,9 @@ from tpserve.engine.cuda_graph import cuda_graph_batch_sizes
 
 # Six prompts prefilled together, then decode steps of 6, 3, 1 and 6 sequences (padded to 8,
 # 4, 1 and 8), a step mixing a new prompt with decodes (eager), decodes of 7 (padded to 8),
-# and with a 4-size ladder a step of 7 is too big for any graph (eager).
-PROMPT_LENS = [3, 11, 5, 8, 1, 6, 9]
+# and with a 4-size ladder a step of 7 is too big for any graph (eager). Two contexts pass
+# 2 * MIN_SPLIT_KEYS, so on a GPU the graphs' frozen decode splits really merge several.
+PROMPT_LENS = [300, 11, 520, 8, 1, 6, 9]
 STEPS = [[0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5], [0, 2, 4], [1], [0, 1, 2, 3, 4, 5], [6, 0, 1], [0, 1, 2, 3, 4, 5, 6],
          [0, 1, 2, 3, 4, 5, 6]]
 
@@ -42,7 +43,7 @@ def device(request) -> str:
 
 
 def _twin_models(device: str):
-    config, state = converted(random_hf_model("llama_gqa", seed=3))
+    config, state = converted(random_hf_model("llama_gqa", seed=3, max_position_embeddings=1024))
     return [build(config, state, device=device) for _ in range(2)]
 
 
@@ -57,8 +58,8 @@ def test_decode_steps_replay_padded_graphs(device, monkeypatch, sizes, replayed)
     if device == "cpu":
         monkeypatch.setattr(cuda_graph, "capture_graph", eager_capture_stand_in(replays))
     eager_model, graphed_model = _twin_models(device)
-    eager = model_runner(eager_model, device)
-    graphed = model_runner(graphed_model, device, cuda_graph_batch_sizes=sizes)
+    eager = model_runner(eager_model, device, num_blocks=512)
+    graphed = model_runner(graphed_model, device, cuda_graph_batch_sizes=sizes, num_blocks=512)
     assert sorted(graphed.graphs._replays) == sizes
     tol = dict(rtol=1e-4, atol=1e-5) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)  # TF32 on the GPU
     compare_runners(eager, graphed, STEPS, _prompts(), **tol)
@@ -72,7 +73,9 @@ def test_llm_with_cuda_graphs_generates_as_eager(random_ckpt):
     if not torch.cuda.is_available():
         pytest.skip("CUDA graphs need a GPU")
     path, _ = random_ckpt
-    prompts = [list(range(1 + i, 6 + 3 * i)) for i in range(11)]  # 11 sequences: the 16 graph pads
+    # 11 sequences (the 16-graph pads them), 149-219 prompt tokens: the graphs of a 256-token
+    # max_model_len freeze 2 decode splits, both holding keys here.
+    prompts = [list(range(1 + i, 150 + 7 * i)) for i in range(11)]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     outputs = []
     for eager in (False, True):
