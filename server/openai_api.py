@@ -1,5 +1,6 @@
 """What the OpenAI-compatible routes share: the request checks, ids and stream chunks common to
-both (`OpenAIJob`), usage, log-probability values and token texts, and GET /v1/models. The routes: completions_api.py and chat_api.py.
+both (`OpenAIJob`), usage, log-probability values and token texts, and GET /v1/models. The
+routes: completions_api.py and chat_api.py.
 
 Answers, streamed or not, have OpenAI's shape, so the official SDK and evaluation harnesses work
 unchanged.

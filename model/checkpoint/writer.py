@@ -121,7 +121,7 @@ def write_shards(
     """Greedy shards of at most max_shard_bytes (a larger tensor gets a file of its own)."""
     groups: list[list[str]] = [[]]
     size = 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     for name, tensor in state.items():
         nbytes = tensor.numel() * itemsize
         if groups[-1] and size + nbytes > max_shard_bytes:
