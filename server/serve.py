@@ -11,8 +11,10 @@ that do not stop.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import signal
+import socket
 import threading
 
 import uvicorn
@@ -55,8 +57,32 @@ class DrainingServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def serve(engine_config: EngineConfig, server_config: ServerConfig, host: str, port: int,
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, taken before the model loads: a port in use is an error in seconds,
+    not after minutes of loading. Connections are refused until uvicorn listens on it.
+
+    Raises OSError with a message that names the flag to change.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart over TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(e.errno, f"port {port} on {host} is in use (another server?): choose a free one with --port") from None
+        if e.errno == errno.EACCES:
+            raise OSError(e.errno, f"no permission to listen on port {port}: choose --port 1024 or above") from None
+        raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror or e}): "
+                      "--host must be an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
+    return sock
+
+
+def serve(engine_config: EngineConfig, server_config: ServerConfig, sock: socket.socket,
           log_level: str = "info") -> None:
+    """Serve on `sock` (from `bind_socket`) until a stop signal; closes it."""
+    host, port = sock.getsockname()[:2]
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("starting the engine: %s, tensor parallel size %d", engine_config.checkpoint,
                 engine_config.tensor_parallel_size)
@@ -70,6 +96,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, host: str, p
         server = DrainingServer(config, app.state.runner)
         logger.info("serving %s on http://%s:%d (max_model_len %d)", server_config.model_name, host, port,
                     engine.engine.max_model_len)
-        server.run()
+        server.run(sockets=[sock])
     finally:
-        engine.shutdown()  # a no-op when the app's shutdown already stopped it
+        engine.shutdown()
+        sock.close()  # a no-op when the app's shutdown already stopped it

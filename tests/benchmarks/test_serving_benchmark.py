@@ -82,7 +82,7 @@ def free_port() -> int:
 
 
 def server_command(checkpoint: Path) -> str:
-    return (f"{sys.executable} -m tpserve.server.cli serve --checkpoint {checkpoint} --port {{port}} "
+    return (f"{Path(sys.executable).with_name('tpserve')} serve --checkpoint {checkpoint} --port {{port}} "
             "--max-model-len 128 --kv-cache-memory 8MB --log-level warning")
 
 

@@ -61,7 +61,9 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        args = [sys.executable, "-m", "tpserve.server.cli", "serve", "--port", str(self.port),
+        # The console script, as users run it: `python -m` would put the working directory (the
+        # repository root) on sys.path, where our kernels/ folder shadows Hugging Face's `kernels`.
+        args = [str(Path(sys.executable).with_name("tpserve")), "serve", "--port", str(self.port),
                 "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", KV_CACHE, "--served-model-name", "tiny",
                 "--log-level", "warning", *flags]
         if checkpoint is not None:  # None: the default model

@@ -7,8 +7,8 @@ for the memory-bound ones), and that rate as a share of what this device measura
   - torch SDPA with the flash and cuDNN backends on the same attention shapes (contiguous K/V,
     so they do not pay for the paged gather ours does).
 
-    python benchmarks/kernels.py                    # everything, bf16, JSON in benchmarks/results/
-    python benchmarks/kernels.py --kernels decode --quick
+    python benchmarks/kernel_speed.py                    # everything, bf16, JSON in benchmarks/results/
+    python benchmarks/kernel_speed.py --kernels decode --quick
 
 Results are written as JSON with the device, commit, command and date. Needs CUDA and compiled
 kernels (TRITON_INTERPRET unset); it refuses to run otherwise.
@@ -61,9 +61,9 @@ def parse_args() -> argparse.Namespace:
 
 def refuse_unless_gpu() -> None:
     if not torch.cuda.is_available():
-        sys.exit("benchmarks/kernels.py needs a CUDA device; none is visible (torch.cuda.is_available() is False)")
+        sys.exit("benchmarks/kernel_speed.py needs a CUDA device; none is visible (torch.cuda.is_available() is False)")
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("benchmarks/kernels.py times compiled kernels; unset TRITON_INTERPRET")
+        sys.exit("benchmarks/kernel_speed.py times compiled kernels; unset TRITON_INTERPRET")
 
 
 def bench_ms(fn) -> float:
@@ -237,7 +237,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     report = dict(
         device=torch.cuda.get_device_name(dev),
-        **provenance("kernels.py"),
+        **provenance("kernel_speed.py"),
         torch=torch.__version__,
         triton=triton.__version__,
         dtype=args.dtype,
