@@ -26,6 +26,7 @@ from tpserve.engine.sequence import FinishReason, Sequence
 from tpserve.engine.step_plan import NewSequence, StepPlan
 from tpserve.engine.worker import WorkerConfig
 from tpserve.model.checkpoint import read_checkpoint_info
+from tpserve.model.checkpoint.loader import at_tensor_parallel_size
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class LLMEngine:
         info = read_checkpoint_info(config.checkpoint, require_weights=config.load_format == "auto")
         if not info.has_tokenizer:
             raise ValueError(f"{config.checkpoint} has no tokenizer files; the engine needs one to serve text")
+        # Here rather than in the workers, whose errors come back as a rank's traceback.
+        at_tensor_parallel_size(info.config, config.tensor_parallel_size, config.checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(str(config.checkpoint))
         self.vocab_size = info.config.vocab_size
         self.chat_template = info.tokenizer.chat_template

@@ -30,13 +30,8 @@ def valid_tp_sizes(config: GPTModelConfig, limit: int = 64) -> list[int]:
     ]
 
 
-def serving_config(
-    config: GPTModelConfig, tp: int, dtype: torch.dtype, parallel_output: bool, where: Path | str = "checkpoint"
-) -> GPTModelConfig:
-    """The stored config set up for serving at `tp` ranks in `dtype`; a TP that does not divide
-    the heads fails with the sizes that would."""
-    transformer = dataclasses.replace(config.transformer, params_dtype=dtype)
-    config = dataclasses.replace(config, transformer=transformer, parallel_output=parallel_output)
+def at_tensor_parallel_size(config: GPTModelConfig, tp: int, where: Path | str = "checkpoint") -> GPTModelConfig:
+    """`config` split over `tp` ranks; a TP that does not divide the heads fails with the sizes that would."""
     try:
         return config.with_tensor_parallel_size(tp)
     except ValueError as e:
@@ -44,6 +39,15 @@ def serving_config(
             f"{where}: cannot load at tensor_model_parallel_size={tp}: {e} "
             f"(sizes that work for this model: {valid_tp_sizes(config)})"
         ) from None
+
+
+def serving_config(
+    config: GPTModelConfig, tp: int, dtype: torch.dtype, parallel_output: bool, where: Path | str = "checkpoint"
+) -> GPTModelConfig:
+    """The stored config set up for serving at `tp` ranks in `dtype`."""
+    transformer = dataclasses.replace(config.transformer, params_dtype=dtype)
+    config = dataclasses.replace(config, transformer=transformer, parallel_output=parallel_output)
+    return at_tensor_parallel_size(config, tp, where)
 
 
 def load_model(

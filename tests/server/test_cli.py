@@ -61,6 +61,20 @@ def test_a_port_out_of_range_is_a_usage_error(capsys):
     assert code == 2 and errors[-1] == "tpserve serve: error: --port 70000 is not a port number (0-65535)"
 
 
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        # Checked before any worker starts: a worker's error would come back as its traceback.
+        (["--tensor-parallel-size", "3"], "cannot load at tensor_model_parallel_size=3: num_attention_heads=8 is not "
+                                          "divisible by tensor_model_parallel_size=3"),
+        (["--kv-cache-memory", "1KB"], "the KV cache holds 0 tokens"),
+    ],
+)
+def test_settings_the_model_cannot_serve_with(tiny_ckpt, flags, message, capsys):
+    code, errors = run_main(["serve", "--port", "0", "--checkpoint", str(tiny_ckpt), *flags], capsys)
+    assert code == 1 and len(errors) == 1 and message in errors[0], errors
+
+
 def test_without_the_default_models_package_the_fix_is_named(monkeypatch, tmp_path, capsys):
     installed = importlib.metadata.distribution
 
