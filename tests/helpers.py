@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 import transformers
 
@@ -18,6 +21,11 @@ from tpserve.model.inference_params import InferenceParams
 from tpserve.model.kv_cache import KVCache
 from tpserve.model.packed_seq_params import PackedSeqParams
 from tpserve.model.parallel_state import ParallelState
+
+# The `tpserve` console script beside this Python, as users run it: `python -m tpserve...` would put
+# the working directory (the repository root) on sys.path, where our kernels/ folder shadows
+# Hugging Face's `kernels`.
+TPSERVE = str(Path(sys.executable).with_name("tpserve"))
 
 # A large init std makes logits peaked (std ~1.5), so a wrong weight shows, and greedy picks are stable.
 INIT_STD = 0.2

@@ -6,11 +6,11 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
+from helpers import TPSERVE
 
 MAX_MODEL_LEN = 128
 KV_CACHE = "8MB"
@@ -61,9 +61,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        # The console script, as users run it: `python -m` would put the working directory (the
-        # repository root) on sys.path, where our kernels/ folder shadows Hugging Face's `kernels`.
-        args = [str(Path(sys.executable).with_name("tpserve")), "serve", "--port", str(self.port),
+        args = [TPSERVE, "serve", "--port", str(self.port),
                 "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", KV_CACHE, "--served-model-name", "tiny",
                 "--log-level", "warning", *flags]
         if checkpoint is not None:  # None: the default model

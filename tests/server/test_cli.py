@@ -6,17 +6,14 @@ from __future__ import annotations
 import importlib.metadata
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import TPSERVE
 
 from tpserve.model.checkpoint import read_checkpoint_info
 from tpserve.model.checkpoint import gguf as gguf_module
 from tpserve.server.cli import main
-
-TPSERVE = str(Path(sys.executable).with_name("tpserve"))
-
 
 def run_main(argv: list[str], capsys) -> tuple[int, list[str]]:
     """Exit code and the error lines of stderr (log lines left out)."""
