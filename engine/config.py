@@ -7,6 +7,9 @@ from pathlib import Path
 
 import torch
 
+from tpserve.kernels.cpu_linear import CANDIDATES
+from tpserve.model.dtype import default_dtype
+
 
 @dataclass
 class EngineConfig:
@@ -26,7 +29,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     # "cuda" or "cpu"; None: cuda when available.
     device: str | None = None
-    # None: bfloat16 on GPU, float32 on CPU.
+    # None: bfloat16 on GPUs and on CPUs that compute it natively (AVX512_BF16, AMX), else
+    # float32 (model/dtype.py).
     dtype: torch.dtype | None = None
     # Seconds a step may take before the workers are presumed hung and killed.
     step_timeout: float = 600.0
@@ -36,13 +40,17 @@ class EngineConfig:
     # Never capture CUDA graphs: every decode step launches its kernels one by one (for
     # profiling or debugging a kernel). CPU steps are always eager.
     enforce_eager: bool = False
+    # CPU: which kernel each linear layer runs. "auto": the fastest per weight shape and token
+    # count, timed on this machine once and cached (kernels/cpu_tuning.py); a candidate's name
+    # ("torch" is F.linear, "native", "mm_t") pins it everywhere, for reproducible runs.
+    cpu_kernels: str = "auto"
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
         if self.device is None:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype is None:
-            self.dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
+            self.dtype = default_dtype(self.device)
         for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -50,5 +58,7 @@ class EngineConfig:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format={self.load_format!r} must be 'auto' or 'dummy'")
+        if self.cpu_kernels != "auto" and self.cpu_kernels not in CANDIDATES:
+            raise ValueError(f"cpu_kernels={self.cpu_kernels!r} must be 'auto' or one of {sorted(CANDIDATES)}")
         if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
             raise ValueError(f"kv_cache_memory={self.kv_cache_memory} must be a positive number of bytes")

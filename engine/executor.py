@@ -41,8 +41,11 @@ class Executor:
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
+        ready = self._gather(start_timeout)
         # Every rank measured its own memory; all must use the same number of blocks.
-        self.num_blocks = min(self._gather(start_timeout))
+        self.num_blocks = min(num_blocks for num_blocks, _ in ready)
+        # Rank 0's (summary, table) of the CPU linear kernels it timed; None when pinned or on GPUs.
+        self.cpu_kernel_tuning: tuple[str, str] | None = ready[0][1]
 
     def init_cache(self, num_blocks: int) -> None:
         for conn in self._conns:

@@ -85,6 +85,7 @@ class LLMEngine:
                 gpu_memory_utilization=config.gpu_memory_utilization,
                 eos_token_ids=sorted(eos),
                 random_weights=config.load_format == "dummy",
+                cpu_kernels=config.cpu_kernels,
                 # A decode batch is at most max_num_seqs sequences and max_num_batched_tokens tokens.
                 cuda_graph_batch_sizes=(
                     cuda_graph_batch_sizes(min(config.max_num_seqs, config.max_num_batched_tokens))
@@ -93,6 +94,10 @@ class LLMEngine:
             ),
             step_timeout=config.step_timeout,
         )
+        if self.executor.cpu_kernel_tuning is not None:
+            summary, table = self.executor.cpu_kernel_tuning
+            logger.info("%s", summary)
+            logger.debug("CPU linear kernels, median microseconds per call:\n%s", table)
         try:
             num_blocks = self.executor.num_blocks
             needed = -(-self.max_model_len // config.block_size)

@@ -17,12 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from tpserve.engine.model_runner import ModelRunner
+from tpserve.kernels.cpu_linear import LinearKernels
+from tpserve.kernels.cpu_tuning import tune_linears
 from tpserve.engine.step_plan import StepPlan
 from tpserve.model.checkpoint import load_model
+from tpserve.model.gpt_model import GPTModel
 from tpserve.model.kv_cache import KVCache
-from tpserve.model.parallel_state import initialize_model_parallel
+from tpserve.model.parallel_state import ParallelState, initialize_model_parallel
+
+# How long the first start on a machine may spend timing the CPU linear kernels; entries it
+# does not reach (the largest token counts come last) are timed by later starts.
+CPU_TUNING_SECONDS = 10.0
 
 
 class WorkerCommand(enum.Enum):
@@ -46,6 +54,7 @@ class WorkerConfig:
     gpu_memory_utilization: float
     eos_token_ids: list[int]
     random_weights: bool = False  # EngineConfig.load_format == "dummy"
+    cpu_kernels: str = "auto"  # EngineConfig.cpu_kernels
     cuda_graph_batch_sizes: list[int] = field(default_factory=list)  # decode sizes to capture; empty: eager
 
 
@@ -83,6 +92,28 @@ def _profile_activations(config: WorkerConfig, model: torch.nn.Module, device: t
     return torch.cuda.max_memory_allocated(device) - before
 
 
+def bind_cpu_linear_kernels(config: WorkerConfig, model: GPTModel, ps: ParallelState) -> tuple[str, str] | None:
+    """Give every linear layer its kernels: pinned, or timed on this machine by rank 0 (cached).
+    The others wait meanwhile: ranks timing at once on shared cores would each see the others'
+    load. Returns rank 0's (summary, table) of the timing, for the engine to log."""
+    shapes = model.cpu_linear_shapes(config.max_num_batched_tokens, config.max_num_seqs)
+    if config.cpu_kernels != "auto":
+        pinned = LinearKernels.pinned(config.cpu_kernels)
+        model.bind_cpu_linear_kernels({(s.n, s.k): pinned for s in shapes})
+        return None
+    choices, report = None, None
+    if ps.rank == 0:
+        result = tune_linears(shapes, config.dtype, time_box=CPU_TUNING_SECONDS)
+        choices = {shape: kernels.choices for shape, kernels in result.kernels.items()}
+        report = (result.summary(), result.table())
+    if ps.world_size > 1:  # every rank holds the same shard shapes
+        box = [choices]
+        dist.broadcast_object_list(box, src=0, group=ps.group)
+        choices = box[0]
+    model.bind_cpu_linear_kernels({shape: LinearKernels(c) for shape, c in choices.items()})
+    return report
+
+
 def worker_main(rank: int, config: WorkerConfig, conn) -> None:
     # The server process owns shutdown. A Ctrl-C reaches the whole process group, and a rank
     # killed by it would fail the requests the server is still draining; a worker stops on
@@ -113,8 +144,9 @@ def _serve(rank: int, config: WorkerConfig, conn) -> None:
     ps = initialize_model_parallel(rank, config.world_size, config.init_method, backend)
     model = load_model(config.checkpoint, ps, device=device, dtype=config.dtype, parallel_output=False,
                        random_weights=config.random_weights)
+    tuning = bind_cpu_linear_kernels(config, model, ps) if device.type == "cpu" else None
     bytes_per_block = KVCache.bytes_per_block(model.config, config.block_size, config.dtype)
-    conn.send(("ready", kv_cache_bytes(config, model, device) // bytes_per_block))
+    conn.send(("ready", (kv_cache_bytes(config, model, device) // bytes_per_block, tuning)))
 
     command, num_blocks = conn.recv()
     assert command == WorkerCommand.INIT_CACHE, command

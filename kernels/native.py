@@ -21,6 +21,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from tpserve.kernels.cpu_info import cache_root, cpu_flags
+
 _CSRC = Path(__file__).with_name("csrc")
 _SOURCES = ("paged_attention_cpu.c", "rope_store_kv_cpu.c", "transpose_cpu.c", "linear_cpu.c")
 # Compiling with -ffast-math lets gcc vectorize the reductions and call glibc's vector expf.
@@ -34,20 +36,6 @@ _LINK = ("-shared", "-fopenmp", "-lm")
 
 class NativeKernelsUnavailable(RuntimeError):
     pass
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tpserve" / "kernels"
-
-
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def _compiler() -> str:
@@ -90,9 +78,9 @@ def _build_and_load() -> ctypes.CDLL:
         raise NativeKernelsUnavailable(f"{cc} --version failed: {e}") from e
     sources = [_CSRC / name for name in _SOURCES]
     digest = hashlib.sha256()
-    for part in (*(p.read_bytes() for p in sources), " ".join(_COMPILE + _LINK).encode(), version.encode(), _cpu_flags().encode()):
+    for part in (*(p.read_bytes() for p in sources), " ".join(_COMPILE + _LINK).encode(), version.encode(), " ".join(sorted(cpu_flags())).encode()):
         digest.update(part)
-    target = _cache_dir() / f"tpserve_cpu_{digest.hexdigest()[:16]}.so"
+    target = cache_root() / "kernels" / f"tpserve_cpu_{digest.hexdigest()[:16]}.so"
     if target.exists():
         try:
             return _declare(ctypes.CDLL(str(target)))

@@ -20,7 +20,9 @@ from tpserve.model.packed_seq_params import PackedSeqParams
 from tpserve.model.parallel_state import ParallelState
 from tpserve.model.rotary import RotaryEmbedding
 from tpserve.model.spec_utils import ModuleSpec
-from tpserve.model.tensor_parallel.layers import ColumnParallelLinear
+from tpserve.kernels.cpu_linear import LinearKernels
+from tpserve.kernels.cpu_tuning import LinearShape
+from tpserve.model.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 from tpserve.model.transformer_block import TransformerBlock
 
 
@@ -91,6 +93,23 @@ class GPTModel(nn.Module):
         """Hand each layer its view of the paged cache (allocated once, by the caller)."""
         for i, layer in enumerate(self.decoder.layers):
             layer.self_attention.core_attention.bind_kv_cache(*kv_cache.layer(i))
+
+    def linear_layers(self) -> list[ColumnParallelLinear | RowParallelLinear]:
+        return [m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+
+    def cpu_linear_shapes(self, max_num_batched_tokens: int, max_logits_rows: int) -> list[LinearShape]:
+        """This rank's weight shapes and the most rows each gets in one step: the output layer
+        sees only the rows whose logits are sampled, every other layer all the step's tokens."""
+        return [
+            LinearShape(*m.local_weight_shape,
+                        max_logits_rows if m is getattr(self, "output_layer", None) else max_num_batched_tokens)
+            for m in self.linear_layers()
+        ]
+
+    def bind_cpu_linear_kernels(self, kernels: dict[tuple[int, int], LinearKernels]) -> None:
+        """Each linear layer calls the kernels chosen for its weight shape (`F.linear` if none)."""
+        for m in self.linear_layers():
+            m.cpu_kernels = kernels.get(m.local_weight_shape)
 
     def forward(
         self,

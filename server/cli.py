@@ -172,7 +172,15 @@ def _add_serve(subparsers) -> None:
     )
     model.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-        help="dtype of weights and KV cache; auto: bfloat16 on a GPU, float32 on the CPU",
+        help="dtype of weights and KV cache; auto: bfloat16 on a GPU and on a CPU that computes it natively "
+             "(AVX512_BF16 or AMX), float32 on other CPUs",
+    )
+    model.add_argument(
+        "--cpu-kernels", default="auto", metavar="auto|torch|native|mm_t",
+        help="CPU: the kernel each linear layer runs. auto: the fastest for each weight shape and token count, "
+             "timed on this machine at the first start (seconds) and cached in ~/.cache/tpserve; a name pins "
+             "that kernel everywhere, for reproducible runs: torch (F.linear), native (tpserve's C GEMM), "
+             "mm_t (W X^T by torch.mm, transposed back) (default auto)",
     )
     model.add_argument(
         "--max-model-len", type=int, metavar="TOKENS",
@@ -268,6 +276,7 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
             enforce_eager=args.enforce_eager, dtype=None if args.dtype == "auto" else parse_dtype(args.dtype),
+            cpu_kernels=args.cpu_kernels,
         )
         server_config = ServerConfig(
             model_name=args.served_model_name or checkpoint.resolve().name, api_key=args.api_key,

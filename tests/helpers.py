@@ -27,6 +27,12 @@ from tpserve.model.parallel_state import ParallelState
 # Hugging Face's `kernels`.
 TPSERVE = str(Path(sys.executable).with_name("tpserve"))
 
+# What the engine would otherwise choose by the machine: the dtype (bfloat16 on CPUs with native
+# bf16) and each linear's kernel (timed at the first start). Pinned, the suite gives the same
+# answers on every CI machine and never spends a start timing kernels.
+ENGINE_PINS = {"dtype": torch.float32, "cpu_kernels": "native"}
+SERVE_PINS = ["--dtype", "float32", "--cpu-kernels", "native"]
+
 # A large init std makes logits peaked (std ~1.5), so a wrong weight shows, and greedy picks are stable.
 INIT_STD = 0.2
 

@@ -13,13 +13,9 @@ from tpserve.model.checkpoint.format import CheckpointError, read_checkpoint_inf
 from tpserve.model.checkpoint.load import check_weights, load_parameter, param_shardings
 from tpserve.model.checkpoint.safetensors_source import SafetensorsSource
 from tpserve.model.core_attention import AttentionBackend
+from tpserve.model.dtype import default_dtype
 from tpserve.model.gpt_model import GPTModel
 from tpserve.model.parallel_state import ParallelState
-
-
-def default_dtype(device: torch.device | str) -> torch.dtype:
-    """float32 on the CPU (bf16 matmuls are slow there), bfloat16 on GPUs."""
-    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
 
 
 def valid_tp_sizes(config: GPTModelConfig, limit: int = 64) -> list[int]:

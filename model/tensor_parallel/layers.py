@@ -18,14 +18,17 @@ from tpserve.model.tensor_parallel.mappings import (
     gather_from_tensor_model_parallel_region,
     reduce_from_tensor_model_parallel_region,
 )
-from tpserve.kernels.cpu_linear import linear_cpu
+from tpserve.kernels.cpu_linear import LinearKernels
 from tpserve.model.tensor_parallel.sharding import REPLICATED, TensorSharding
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`; on the CPU, the path fastest for the number of tokens (kernels/cpu_linear.py)."""
-    if x.device.type == "cpu":
-        return linear_cpu(x, weight, bias)
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, cpu_kernels: LinearKernels | None
+) -> torch.Tensor:
+    """`F.linear`; on the CPU, the kernel measured fastest for the number of tokens, once a
+    layer has been given its `cpu_kernels` (kernels/cpu_tuning.py)."""
+    if cpu_kernels is not None and x.device.type == "cpu" and x.dim() == 2:
+        return cpu_kernels(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
@@ -65,6 +68,7 @@ class ColumnParallelLinear(nn.Module):
         _divide(output_size, chunks, "output_size per chunk")
         self.output_size_per_partition = _divide(output_size, parallel_state.world_size, "output_size")
         self.input_size = input_size
+        self.cpu_kernels: LinearKernels | None = None
         if skip_weight_param_allocation:
             self.weight = None
         else:
@@ -81,9 +85,13 @@ class ColumnParallelLinear(nn.Module):
     def sharding(self, name: str) -> TensorSharding:
         return TensorSharding(dim=0, chunks=self.chunks, valid=self.valid_output_size)
 
+    @property
+    def local_weight_shape(self) -> tuple[int, int]:
+        return self.output_size_per_partition, self.input_size
+
     def forward(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
         weight = self.weight if weight is None else weight
-        y = linear(x, weight, self.bias)  # [t, out / p]
+        y = linear(x, weight, self.bias, self.cpu_kernels)  # [t, out / p]
         if self.gather_output:
             y = gather_from_tensor_model_parallel_region(y, self.parallel_state)  # [t, out]
         return y
@@ -108,6 +116,8 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.parallel_state = parallel_state
         self.input_size_per_partition = _divide(input_size, parallel_state.world_size, "input_size")
+        self.output_size = output_size
+        self.cpu_kernels: LinearKernels | None = None
         self.weight = nn.Parameter(
             torch.empty(output_size, self.input_size_per_partition, dtype=params_dtype), requires_grad=False
         )
@@ -118,8 +128,12 @@ class RowParallelLinear(nn.Module):
     def sharding(self, name: str) -> TensorSharding:
         return TensorSharding(dim=1) if name == "weight" else REPLICATED
 
+    @property
+    def local_weight_shape(self) -> tuple[int, int]:
+        return self.output_size, self.input_size_per_partition
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)  # [t, out], this rank's partial sum
+        y = linear(x, self.weight, None, self.cpu_kernels)  # [t, out], this rank's partial sum
         y = reduce_from_tensor_model_parallel_region(y, self.parallel_state)
         if self.bias is not None:
             y = y + self.bias

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import TPSERVE, random_checkpoint
+from helpers import SERVE_PINS, TPSERVE, random_checkpoint
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
 import compare  # noqa: E402
@@ -83,7 +83,7 @@ def free_port() -> int:
 
 def server_command(checkpoint: Path) -> str:
     return (f"{TPSERVE} serve --checkpoint {checkpoint} --port {{port}} "
-            "--max-model-len 128 --kv-cache-memory 8MB --log-level warning")
+            "--max-model-len 128 --kv-cache-memory 8MB --log-level warning " + " ".join(SERVE_PINS))
 
 
 @pytest.mark.slow

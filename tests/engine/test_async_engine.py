@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+from helpers import ENGINE_PINS
 
 from tpserve.engine.async_engine import AsyncLLMEngine
 from tpserve.engine.config import EngineConfig
@@ -27,7 +28,8 @@ def pid_alive(pid: int) -> bool:
 
 
 def start(path, tp: int = 2) -> AsyncLLMEngine:
-    return AsyncLLMEngine(EngineConfig(path, tensor_parallel_size=tp, kv_cache_memory=8 << 20, max_model_len=128))
+    return AsyncLLMEngine(EngineConfig(path, tensor_parallel_size=tp, kv_cache_memory=8 << 20, max_model_len=128,
+                                       **ENGINE_PINS))
 
 
 async def collect(engine, prompt, params, request_id=None):

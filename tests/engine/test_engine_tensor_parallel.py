@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import ENGINE_PINS
 from test_llm_engine import GREEDY, hf_greedy, make_engine, prompts, run
 
 from tpserve.engine.config import EngineConfig
@@ -43,7 +44,7 @@ def test_smollm2_continuous_batching_gives_transformers_tokens(smollm2, tp):
     assert len(cases) >= 16
     params = SamplingParams(temperature=0.0, max_tokens=GOLDEN["max_new_tokens"], ignore_eos=True)
     engine = LLMEngine(EngineConfig(smollm2, tensor_parallel_size=tp, kv_cache_memory=96 << 20, max_model_len=512,
-                                    max_num_batched_tokens=512))
+                                    max_num_batched_tokens=512, **ENGINE_PINS))
     try:
         outs = run(engine, [(c["input_ids"], params) for c in cases[:16]], per_step=2)
         for case, out in zip(cases, outs):

@@ -7,6 +7,7 @@ import logging
 
 import pytest
 import torch
+from helpers import ENGINE_PINS
 
 from tpserve.engine.config import EngineConfig
 from tpserve.engine.llm_engine import LLMEngine
@@ -23,7 +24,7 @@ def prompts(n: int = 16, seed: int = 0) -> list[list[int]]:
 
 
 def make_engine(path, **overrides) -> LLMEngine:
-    fields = dict(kv_cache_memory=8 << 20, max_num_seqs=32, max_num_batched_tokens=256, max_model_len=128)
+    fields = dict(kv_cache_memory=8 << 20, max_num_seqs=32, max_num_batched_tokens=256, max_model_len=128, **ENGINE_PINS)
     return LLMEngine(EngineConfig(path, **(fields | overrides)))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import random_checkpoint
+from helpers import ENGINE_PINS, random_checkpoint
 from server_process import MAX_MODEL_LEN, ServerProcess
 
 
@@ -51,6 +51,6 @@ def reference(tiny_ckpt):
     """The `LLM` API on the same checkpoint and length: what the server's answers must equal."""
     from tpserve import LLM
 
-    llm = LLM(tiny_ckpt, max_model_len=MAX_MODEL_LEN, kv_cache_memory=8 << 20)
+    llm = LLM(tiny_ckpt, max_model_len=MAX_MODEL_LEN, kv_cache_memory=8 << 20, **ENGINE_PINS)
     yield llm
     llm.shutdown()

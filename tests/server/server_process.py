@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
-from helpers import TPSERVE
+from helpers import SERVE_PINS, TPSERVE
 
 MAX_MODEL_LEN = 128
 KV_CACHE = "8MB"
@@ -63,7 +63,7 @@ class ServerProcess:
         self.log_path = log_path
         args = [TPSERVE, "serve", "--port", str(self.port),
                 "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", KV_CACHE, "--served-model-name", "tiny",
-                "--log-level", "warning", *flags]
+                "--log-level", "warning", *SERVE_PINS, *flags]
         if checkpoint is not None:  # None: the default model
             args += ["--checkpoint", str(checkpoint)]
         self.log = open(log_path, "w")

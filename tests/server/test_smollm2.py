@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+from helpers import ENGINE_PINS
 
 from tpserve import SamplingParams
 
@@ -34,7 +35,8 @@ def test_default_model_chat_and_completions_equal_the_llm_api(smollm2_server, ca
     chat = client.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=24, temperature=0)
     completion_chunks = list(client.completions.create(model="smollm2", prompt="The capital of France is",
                                                        max_tokens=16, temperature=0, stream=True))
-    with LLM(prepare_default_model(cache / "tpserve"), max_model_len=512, kv_cache_memory=64 << 20) as llm:
+    with LLM(prepare_default_model(cache / "tpserve"), max_model_len=512, kv_cache_memory=64 << 20,
+             **ENGINE_PINS) as llm:
         tokenizer = llm.get_tokenizer()
         text = tokenizer.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
