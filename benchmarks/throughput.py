@@ -4,9 +4,10 @@ N prompts (random token ids of --input-len, or lines of --prompt-file) are all s
 once with --output-len new tokens each (end-of-sequence ignored, so every request makes the
 same work); the clock runs from the first submission to the last token. With --compare-hf,
 Hugging Face transformers' batched greedy `generate` runs on the same prompts in the same
-process, at each --hf-batch-sizes, and the ratio to its best is printed.
+process, at each --hf-batch-sizes, in tpserve's dtype and in each of --hf-dtypes, and the
+ratios to its best in tpserve's dtype and to its best overall are printed.
 
-    python benchmarks/throughput.py --num-prompts 64 --output-len 128 --compare-hf
+    python benchmarks/throughput.py --num-prompts 64 --output-len 128 --compare-hf --dtype auto
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import tempfile
@@ -41,6 +41,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-file", help="one prompt per line (text), instead of random token ids")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                   help="tpserve's dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
+    p.add_argument("--cpu-kernels", default="auto", help="CPU linear kernels: auto (timed, cached) or a name to pin")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--kv-cache-memory", type=int, help="bytes of KV cache per rank (default: measured)")
@@ -48,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up; the median is reported")
     p.add_argument("--compare-hf", action="store_true", help="also time transformers' batched generate")
     p.add_argument("--hf-batch-sizes", default="16,64", help="batch sizes tried for transformers (best kept)")
+    p.add_argument("--hf-dtypes", default="float32,bfloat16",
+                   help="dtypes transformers also runs in, besides tpserve's (its best is the overall reference)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-json", help="where to write the results (default: print only)")
     return p.parse_args(argv)
@@ -97,15 +102,16 @@ def time_tpserve(llm, prompts: list[list[int]], output_len: int) -> float:
     return elapsed
 
 
-def time_hf(checkpoint: Path, prompts: list[list[int]], output_len: int, batch_sizes: list[int]) -> dict:
-    """Transformers' greedy generate, left-padded batches; the best batch size's time."""
+def time_hf(checkpoint: Path, prompts: list[list[int]], output_len: int, batch_sizes: list[int],
+            dtype: torch.dtype) -> dict:
+    """Transformers' greedy generate in `dtype`, left-padded batches; the time at each batch size."""
     from transformers import AutoModelForCausalLM
 
     from tpserve.model.checkpoint import export_hf
 
     with tempfile.TemporaryDirectory() as tmp:
         export_hf(checkpoint, Path(tmp) / "hf", dtype=torch.float32)
-        model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "hf", dtype=dtype).eval()
     results = {}
     for batch_size in batch_sizes:
         start = time.perf_counter()
@@ -125,7 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from tpserve import LLM
     from tpserve.engine.llm_engine import StepTimes
+    from tpserve.kernels.cpu_info import cpu_flags, cpu_model
     from tpserve.model.checkpoint import prepare_default_model, read_checkpoint_info
+    from tpserve.model.checkpoint.format import parse_dtype
 
     if args.compare_hf and (args.hf_config or args.load_format == "dummy"):
         raise SystemExit("--compare-hf needs the checkpoint's weights; it cannot run with random weights")
@@ -139,12 +147,15 @@ def main(argv: list[str] | None = None) -> dict:
         checkpoint = Path(args.checkpoint) if args.checkpoint else prepare_default_model()
     info = read_checkpoint_info(checkpoint, require_weights=args.load_format == "auto")
     engine_args = dict(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                       load_format=args.load_format, enforce_eager=args.enforce_eager)
+                       load_format=args.load_format, enforce_eager=args.enforce_eager,
+                       dtype=None if args.dtype == "auto" else parse_dtype(args.dtype), cpu_kernels=args.cpu_kernels)
     if args.kv_cache_memory:
         engine_args["kv_cache_memory"] = args.kv_cache_memory
     started = time.perf_counter()
     llm = LLM(checkpoint, tensor_parallel_size=args.tensor_parallel_size, **engine_args)
     startup_s = time.perf_counter() - started
+    dtype = llm.engine.config.dtype
+    tuning = llm.engine.executor.cpu_kernel_tuning
     prompts = make_prompts(args, llm.get_tokenizer(), info.config.vocab_size)
     input_tokens = sum(map(len, prompts))
     output_tokens = args.num_prompts * args.output_len
@@ -161,7 +172,10 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "throughput",
         **provenance("throughput.py", argv),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({cpu_model()}, {os.cpu_count()} cores)",
+        "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma"))),
+        "dtype": str(dtype).removeprefix("torch."),
+        "cpu_kernel_tuning": None if tuning is None else {"summary": tuning[0], "table": tuning[1].splitlines()},
         "checkpoint": str(checkpoint),
         "setup": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "startup_s": round(startup_s, 2),
@@ -182,21 +196,29 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_ms_per_step": round(1e3 * steps.engine_s / steps.num_steps, 3),
         "engine_share_of_step": round(steps.engine_s / steps.total_s, 4),
     }
-    print(f"Startup: {startup_s:.1f} s")
+    print(f"Startup: {startup_s:.1f} s, dtype {result['dtype']}")
+    if tuning is not None:
+        print(tuning[0] + "\n" + tuning[1])
     print(f"Steps: {steps.num_steps}, {result['step_ms']:.2f} ms each, of which the engine's own work (scheduling, "
           f"plan, results) {result['engine_ms_per_step']:.2f} ms ({100 * result['engine_share_of_step']:.1f}%)")
     print(f"Throughput: {result['requests_per_s']:.2f} requests/s, {result['total_tokens_per_s']:.1f} total tokens/s, "
           f"{result['output_tokens_per_s']:.1f} output tokens/s (median of {len(runs)}: {result['runs_s']} s)")
     if args.compare_hf:
-        hf = time_hf(checkpoint, prompts, args.output_len, [int(b) for b in args.hf_batch_sizes.split(",")])
-        best_batch, best = min(hf.items(), key=lambda kv: kv[1])
-        result["hf"] = {str(b): {"elapsed_s": round(t, 3), "output_tokens_per_s": round(output_tokens / t, 2)}
-                        for b, t in hf.items()}
-        result["hf_best_output_tokens_per_s"] = round(output_tokens / best, 2)
+        batch_sizes = [int(b) for b in args.hf_batch_sizes.split(",")]
+        hf_dtypes = dict.fromkeys([result["dtype"], *args.hf_dtypes.split(",")])
+        times = {(d, b): t for d in hf_dtypes
+                 for b, t in time_hf(checkpoint, prompts, args.output_len, batch_sizes, parse_dtype(d)).items()}
+        result["hf"] = {f"{d} batch {b}": {"elapsed_s": round(t, 3), "output_tokens_per_s": round(output_tokens / t, 2)}
+                        for (d, b), t in times.items()}
+        for d, b in times:
+            print(f"transformers generate, {d}, batch {b}: {output_tokens / times[d, b]:.1f} output tokens/s")
+        same = min(t for (d, _), t in times.items() if d == result["dtype"])
+        (best_dtype, best_batch), best = min(times.items(), key=lambda kv: kv[1])
+        result["hf_best"] = {"dtype": best_dtype, "batch": best_batch, "output_tokens_per_s": round(output_tokens / best, 2)}
+        result["speedup_vs_hf_same_dtype"] = round(same / elapsed, 2)
         result["speedup_vs_hf_best"] = round(best / elapsed, 2)
-        for b, t in hf.items():
-            print(f"transformers generate, batch {b}: {output_tokens / t:.1f} output tokens/s")
-        print(f"tpserve / transformers (best, batch {best_batch}): {best / elapsed:.2f}x")
+        print(f"tpserve / transformers in {result['dtype']} (its best batch): {same / elapsed:.2f}x")
+        print(f"tpserve / transformers at its best ({best_dtype}, batch {best_batch}): {best / elapsed:.2f}x")
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import ENGINE_PINS
 from test_llm_engine import GREEDY, hf_greedy, make_engine, prompts, run
 
@@ -54,3 +55,21 @@ def test_smollm2_continuous_batching_gives_transformers_tokens(smollm2, tp):
                 assert run(engine, [(case["input_ids"], params)])[0].outputs[0].token_ids == case["output_ids"]
     finally:
         engine.shutdown()
+
+
+def test_smollm2_in_bfloat16_gives_transformers_bfloat16_tokens(smollm2):
+    """Served in bf16 (weights, activations, KV cache), batched: the tokens transformers' dense
+    bf16 model decided by a clear margin (tests/fixtures/make_smollm2_goldens.py --dtype bfloat16)."""
+    golden = json.loads((Path(__file__).parent.parent / "fixtures" / "smollm2_greedy_bfloat16.json").read_text())
+    cases = golden["cases"][:8]
+    assert sum(c["trusted_tokens"] for c in cases) >= 48
+    params = SamplingParams(temperature=0.0, max_tokens=golden["max_new_tokens"], ignore_eos=True)
+    engine = LLMEngine(EngineConfig(smollm2, kv_cache_memory=32 << 20, max_model_len=512,
+                                    **(ENGINE_PINS | {"dtype": torch.bfloat16})))
+    try:
+        outs = run(engine, [(c["input_ids"], params) for c in cases])
+    finally:
+        engine.shutdown()
+    for case, out in zip(cases, outs):
+        n = case["trusted_tokens"]
+        assert out.outputs[0].token_ids[:n] == case["output_ids"][:n], case["prompt"]
