@@ -69,6 +69,16 @@ def check_cpu_float32(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} must be a float32 CPU tensor, not {t.dtype} on {t.device}")
 
 
+def check_cpu_kv_cache(k_cache: torch.Tensor, v_cache: torch.Tensor) -> bool:
+    """The native CPU kernels read a float32 or bfloat16 cache; True for bfloat16."""
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dtype not in (torch.float32, torch.bfloat16) or t.device.type != "cpu":
+            raise ValueError(f"{name} must be a float32 or bfloat16 CPU tensor, not {t.dtype} on {t.device}")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+    return k_cache.dtype == torch.bfloat16
+
+
 def check_cpu_index(**tensors: torch.Tensor) -> None:
     """Index tensors the native CPU kernels read from host memory."""
     for name, t in tensors.items():

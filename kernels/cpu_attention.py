@@ -1,8 +1,9 @@
 """Paged attention on the CPU: the native kernel (kernels/csrc/paged_attention_cpu.c).
 
-Same semantics and arguments as `paged_attention_reference` (kernels/attention.py), in float32,
-for decodes, prefills and mixed steps alike, reading each key and value straight from the
-paged cache instead of gathering a padded copy per sequence.
+Same semantics and arguments as `paged_attention_reference` (kernels/attention.py), for
+decodes, prefills and mixed steps alike, reading each key and value straight from the paged
+cache instead of gathering a padded copy per sequence. Queries and output are float32; the
+cache is float32 or bfloat16 (widened as it is read).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ _ERRORS = {  # the C kernel's return codes
 
 def paged_attention_cpu(
     query: torch.Tensor,  # [t, n, d] float32, or the grouped view [t, g, n/g, d] of the fused QKV
-    k_cache: torch.Tensor,  # [num_blocks, block_size, g, d]
-    v_cache: torch.Tensor,  # [num_blocks, block_size, g, d]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, g, d] float32 or bfloat16
+    v_cache: torch.Tensor,  # [num_blocks, block_size, g, d], the same dtype
     cu_seqlens_q: torch.Tensor,  # [b + 1] int
     context_lens: torch.Tensor,  # [b] int
     block_tables: torch.Tensor,  # [b, max_blocks] int
@@ -47,7 +48,8 @@ def paged_attention_cpu(
         raise ValueError(f"k_cache has shape {list(k_cache.shape)}: blocks and heads must not be empty")
     if d % 8:
         raise ValueError(f"head dim {d} is not a multiple of 8, which the CPU kernel needs (use the torch backend)")
-    L.check_cpu_float32(query=query, k_cache=k_cache, v_cache=v_cache)
+    L.check_cpu_float32(query=query)
+    kv_bf16 = L.check_cpu_kv_cache(k_cache, v_cache)
     L.check_cpu_index(cu_seqlens_q=cu_seqlens_q, context_lens=context_lens, block_tables=block_tables)
     if out is None:
         out = torch.empty(t, n, d, dtype=torch.float32)
@@ -64,9 +66,9 @@ def paged_attention_cpu(
     window = -1 if window_left is None or window_left < 0 or window_left >= 2**31 - 1 else window_left
     if b == 0 or t == 0:
         return out
-    err = native.library().tpserve_paged_attention_f32(
+    err = native.library().tpserve_paged_attention(
         query.data_ptr(), *query.stride()[:3],
-        k_cache.data_ptr(), v_cache.data_ptr(), *k_cache.stride()[:3],
+        k_cache.data_ptr(), v_cache.data_ptr(), int(kv_bf16), *k_cache.stride()[:3],
         out.data_ptr(), out.stride(0), out.stride(1),
         cu.data_ptr(), ctx.data_ptr(), tables.data_ptr(), tables.stride(0), tables.shape[1],
         t, k_cache.shape[0], b, g, hpg, d, block_size,

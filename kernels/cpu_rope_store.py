@@ -2,7 +2,8 @@
 
 `rope_reference` then `store_kv_reference`, in one pass and in place on the fused QKV tensor,
 as the Triton backend does them: its query and key heads are rotated where they lie, so the
-attention reads q through a strided view and nothing is split out into copies. Float32.
+attention reads q through a strided view and nothing is split out into copies. qkv is float32;
+the cache float32 or bfloat16 (rounded to nearest even as it is stored, as torch rounds).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ def rope_store_kv_cpu(
     cos_cache: torch.Tensor | None,  # [P, r/2] float32; None: no rotation (learned positions)
     sin_cache: torch.Tensor | None,
     interleaved: bool,
-    k_cache: torch.Tensor,  # [num_blocks, block_size, g, d]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, g, d] float32 or bfloat16
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [t] int, negative: not stored
 ) -> None:
@@ -36,7 +37,8 @@ def rope_store_kv_cpu(
     L.check_shape("slot_mapping", slot_mapping, (t,))
     L.check_cpu_index(positions=positions, slot_mapping=slot_mapping)
     tables = {} if cos_cache is None else {"cos_cache": cos_cache, "sin_cache": sin_cache}
-    L.check_cpu_float32(qkv=qkv, k_cache=k_cache, v_cache=v_cache, **tables)
+    L.check_cpu_float32(qkv=qkv, **tables)
+    kv_bf16 = L.check_cpu_kv_cache(k_cache, v_cache)
     L.check_unit_last_stride(qkv=qkv, k_cache=k_cache, v_cache=v_cache)
     L.check_paged_cache("k_cache", k_cache)
     if k_cache.stride() != v_cache.stride():
@@ -53,13 +55,13 @@ def rope_store_kv_cpu(
     pos, slots = L.contiguous_as(positions, torch.int64), L.contiguous_as(slot_mapping, torch.int64)
     if t == 0:
         return
-    err = native.library().tpserve_rope_store_kv_f32(
+    err = native.library().tpserve_rope_store_kv(
         qkv.data_ptr(), *qkv.stride()[:3],
         pos.data_ptr(),
         0 if cos_cache is None else cos_cache.data_ptr(), 0 if sin_cache is None else sin_cache.data_ptr(),
         0 if cos_cache is None else cos_cache.stride(0), 0 if cos_cache is None else cos_cache.shape[0],
         rot_half, int(interleaved),
-        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(1), k_cache.stride(2),
+        k_cache.data_ptr(), v_cache.data_ptr(), int(kv_bf16), k_cache.stride(1), k_cache.stride(2),
         slots.data_ptr(), k_cache.shape[0] * k_cache.shape[1],
         t, g, heads - 2, d,
     )  # fmt: skip

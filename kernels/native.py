@@ -104,24 +104,24 @@ def _run(command: list[str]) -> None:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i32, i64, f32, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    fn = lib.tpserve_paged_attention_f32
+    fn = lib.tpserve_paged_attention
     fn.restype = ctypes.c_int
     fn.argtypes = [
         ptr, i64, i64, i64,  # query, its row, kv-group and head strides
-        ptr, ptr, i64, i64, i64,  # k_cache, v_cache, their block, slot and head strides
+        ptr, ptr, i32, i64, i64, i64,  # k_cache, v_cache, bf16 (else f32), their block, slot and head strides
         ptr, i64, i64,  # out, its row and head strides
         ptr, ptr, ptr, i64, i64,  # cu_seqlens_q, context_lens, block_tables, its row stride and width
         i32, i32, i32,  # num_rows (query rows), num_blocks (of the cache), num_seqs
         i32, i32, i32, i32,  # num_kv_heads, heads_per_group, head_dim, block_size
         f32, i32,  # softmax scale, window_left (-1: none)
     ]
-    fn = lib.tpserve_rope_store_kv_f32
+    fn = lib.tpserve_rope_store_kv
     fn.restype = ctypes.c_int
     fn.argtypes = [
         ptr, i64, i64, i64,  # qkv, its token, group and head strides
         ptr, ptr, ptr, i64, i64,  # positions, cos, sin, their row stride, their rows
         i32, i32,  # rot_half (0: no rotation), interleaved
-        ptr, ptr, i64, i64,  # k_cache, v_cache, their slot and head strides
+        ptr, ptr, i32, i64, i64,  # k_cache, v_cache, bf16 (else f32), their slot and head strides
         ptr, i64,  # slot_mapping, slots in the cache
         i32, i32, i32, i32,  # num_tokens, num_groups, heads_per_group, head_dim
     ]

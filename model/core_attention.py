@@ -131,8 +131,10 @@ class CpuDotProductAttention(TorchDotProductAttention):
     of it and keys and values straight from the paged cache, where the torch path gathers a
     padded copy of every sequence (at decode, most of its attention time).
 
-    The kernels take float32 and head dims divisible by 8, and serve steps through the cache;
-    anything else, and the whole-sequence forward, runs the torch references.
+    The kernels compute in float32 over a float32 or bfloat16 cache, for head dims divisible by
+    8, and serve steps through the cache. A bf16 model's QKV is widened to float32 first (a few
+    hundred values per token) while its cache stays bf16, read at half the bytes; other dtypes,
+    other head dims and the whole-sequence forward run the torch references.
     """
 
     def forward(
@@ -143,9 +145,17 @@ class CpuDotProductAttention(TorchDotProductAttention):
         packed_seq_params: PackedSeqParams,
         inference_params: InferenceParams | None,
     ) -> torch.Tensor:
-        if inference_params is None or qkv.dtype != torch.float32 or qkv.shape[-1] % 8:
+        k_cache, v_cache = self.kv_cache or (None, None)
+        if (
+            inference_params is None
+            or qkv.dtype not in (torch.float32, torch.bfloat16)
+            or k_cache is None
+            or k_cache.dtype != qkv.dtype
+            or qkv.shape[-1] % 8
+        ):
             return super().forward(qkv, position_ids, rotary, packed_seq_params, inference_params)
-        k_cache, v_cache = self.bound_kv_cache()
+        dtype = qkv.dtype
+        qkv = qkv.float()
         rope_store_kv_cpu(
             qkv,
             position_ids,
@@ -156,7 +166,7 @@ class CpuDotProductAttention(TorchDotProductAttention):
             v_cache,
             inference_params.slot_mapping,
         )
-        return paged_attention_cpu(
+        out = paged_attention_cpu(
             qkv[:, :, : qkv.shape[2] - 2],  # [t, g, n/g, d] view
             k_cache,
             v_cache,
@@ -166,6 +176,7 @@ class CpuDotProductAttention(TorchDotProductAttention):
             self.softmax_scale,
             self.window_left,
         )  # [t, n, d]
+        return out.to(dtype)
 
 
 class TritonDotProductAttention(_CoreAttention):

@@ -1,5 +1,7 @@
-/* Paged attention on the CPU, fp32: the semantics of kernels/attention.py's
- * paged_attention_reference, read straight from the paged cache.
+/* Paged attention on the CPU: the semantics of kernels/attention.py's
+ * paged_attention_reference, read straight from the paged cache. Queries, output and all
+ * arithmetic are float32; the cache is float32 or bfloat16 (kv_bf16), whose keys and values
+ * are widened in registers as they are read, so a bf16 model reads half the bytes.
  *
  * The torch path gathers every sequence's blocks into a padded copy, then runs SDPA on it:
  * the cache is read from memory, written back as the copy and read again, and at decode the
@@ -27,25 +29,45 @@ enum { OK = 0, ERR_ALLOC = 1, ERR_QUERIES = 2, ERR_SEQLENS = 3, ERR_BLOCK = 4 };
 typedef float v8 __attribute__((vector_size(32)));
 static inline v8 load8(const float *p) { v8 v; __builtin_memcpy(&v, p, sizeof v); return v; }
 static inline void store8(float *p, v8 v) { __builtin_memcpy(p, &v, sizeof v); }
-/* Asks for a block's rows of one head ahead of use: blocks lie anywhere in the cache, so the
- * hardware prefetcher cannot guess the next one. */
-static inline void prefetch_block(const float *p, int64_t stride_slot, int32_t rows, int D)
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+/* bfloat16 is the top half of a float32: widening is a shift. */
+static inline v8 load8_bf16(const uint16_t *p)
 {
+    u16x8 h;
+    __builtin_memcpy(&h, p, sizeof h);
+    const u32x8 w = __builtin_convertvector(h, u32x8) << 16;
+    v8 f;
+    __builtin_memcpy(&f, &w, sizeof f);
+    return f;
+}
+/* Eight elements at element offset i of a cache, float32 or (BF16) bfloat16. */
+static inline v8 load8_kv(const void *cache, int64_t i, const int BF16)
+{
+    return BF16 ? load8_bf16((const uint16_t *)cache + i) : load8((const float *)cache + i);
+}
+/* Asks for a block's rows of one head ahead of use: blocks lie anywhere in the cache, so the
+ * hardware prefetcher cannot guess the next one. `at` and the stride count elements. */
+static inline void prefetch_block(const void *cache, int64_t at, int64_t stride_slot, int32_t rows, int D,
+                                  const int BF16)
+{
+    const int size = BF16 ? 2 : 4;
+    const char *p = (const char *)cache + at * size;
     for (int32_t i = 0; i < rows; i++)
-        for (int e = 0; e < D; e += 16) __builtin_prefetch(p + i * stride_slot + e);
+        for (int e = 0; e < D * size; e += 64) __builtin_prefetch(p + i * stride_slot * size + e);
 }
 
 static inline float hsum8(v8 v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
 
 /* One query row's G heads (one kv group) against the keys at positions lo..pos of a
- * sequence. G and D are constants where this is inlined into a specialised case, so the
+ * sequence. G, D and BF16 are constants where this is inlined into a specialised case, so the
  * query and accumulator vectors stay in registers. k and v point at the group's head in
- * block 0, slot 0. */
+ * block 0, slot 0; offsets into them count elements. */
 static inline __attribute__((always_inline)) void attend(
-    const float *qh, int64_t q_stride_h, const float *k, const float *v,
+    const float *qh, int64_t q_stride_h, const void *k, const void *v,
     int64_t stride_block, int64_t stride_slot, const int32_t *table, int32_t block_size,
     int32_t lo, int32_t pos, float scale, float *scores, float *o, int64_t o_stride_h,
-    const int G, const int D)
+    const int G, const int D, const int BF16)
 {
     const int32_t n = pos - lo + 1;
     v8 qv[G][D / 8], acc[G][D / 8];
@@ -58,15 +80,15 @@ static inline __attribute__((always_inline)) void attend(
     /* Scores, walking the block table a block at a time. */
     for (int32_t j = lo; j <= pos;) {
         const int32_t blk = j / block_size, last = (blk + 1) * block_size - 1 < pos ? (blk + 1) * block_size - 1 : pos;
-        const float *kr = k + table[blk] * stride_block + (j - blk * block_size) * stride_slot;
+        int64_t kr = table[blk] * stride_block + (j - blk * block_size) * stride_slot;
         if (last < pos)
-            prefetch_block(k + table[blk + 1] * stride_block, stride_slot, block_size, D);
+            prefetch_block(k, table[blk + 1] * stride_block, stride_slot, block_size, D, BF16);
         else  /* the values' first block comes next */
-            prefetch_block(v + table[lo / block_size] * stride_block, stride_slot, block_size, D);
+            prefetch_block(v, table[lo / block_size] * stride_block, stride_slot, block_size, D, BF16);
         for (; j <= last; j++, kr += stride_slot)
             for (int g = 0; g < G; g++) {
-                v8 a = qv[g][0] * load8(kr);
-                for (int c = 1; c < D / 8; c++) a += qv[g][c] * load8(kr + 8 * c);
+                v8 a = qv[g][0] * load8_kv(k, kr, BF16);
+                for (int c = 1; c < D / 8; c++) a += qv[g][c] * load8_kv(k, kr + 8 * c, BF16);
                 scores[g * n + (j - lo)] = hsum8(a);
             }
     }
@@ -83,9 +105,9 @@ static inline __attribute__((always_inline)) void attend(
      * registers) form enough independent FMA chains to hide their latency. */
     for (int32_t j = lo; j <= pos;) {
         const int32_t blk = j / block_size, last = (blk + 1) * block_size - 1 < pos ? (blk + 1) * block_size - 1 : pos;
-        const float *vr = v + table[blk] * stride_block + (j - blk * block_size) * stride_slot;
+        const int64_t vr = table[blk] * stride_block + (j - blk * block_size) * stride_slot;
         const float *w = scores + (j - lo);
-        if (last < pos) prefetch_block(v + table[blk + 1] * stride_block, stride_slot, block_size, D);
+        if (last < pos) prefetch_block(v, table[blk + 1] * stride_block, stride_slot, block_size, D, BF16);
         for (int g0 = 0; g0 < G; g0 += 8) {
             const int GB = G - g0 < 8 ? G - g0 : 8;
             const int CH = GB == 8 || (D / 8) % (8 / GB) ? 1 : 8 / GB;
@@ -95,7 +117,7 @@ static inline __attribute__((always_inline)) void attend(
                     for (int u = 0; u < CH; u++) a[g][u] = acc[g0 + g][c + u];
                 for (int32_t i = 0; i <= last - j; i++) {
                     v8 x[8];
-                    for (int u = 0; u < CH; u++) x[u] = load8(vr + i * stride_slot + 8 * (c + u));
+                    for (int u = 0; u < CH; u++) x[u] = load8_kv(v, vr + i * stride_slot + 8 * (c + u), BF16);
                     for (int g = 0; g < GB; g++)
                         for (int u = 0; u < CH; u++) a[g][u] += w[(g0 + g) * n + i] * x[u];
                 }
@@ -114,11 +136,12 @@ static inline __attribute__((always_inline)) void attend(
 #define SPECIALISED(X) X(1, 64) X(2, 64) X(3, 64) X(4, 64) X(5, 64) X(6, 64) X(7, 64) X(8, 64) \
                        X(1, 128) X(2, 128) X(3, 128) X(4, 128) X(5, 128) X(6, 128) X(7, 128) X(8, 128)
 #define ATTEND_ARGS qh, q_stride_h, k, v, stride_block, stride_slot, table, block_size, lo, pos, scale, scores, o, out_stride_h
-#define CASE(GG, DD) case GG * 1024 + DD: attend(ATTEND_ARGS, GG, DD); break;
+#define CASE(GG, DD) case GG * 1024 + DD: \
+    if (kv_bf16) attend(ATTEND_ARGS, GG, DD, 1); else attend(ATTEND_ARGS, GG, DD, 0); break;
 
-int tpserve_paged_attention_f32(
+int tpserve_paged_attention(
     const float *q, int64_t q_stride_t, int64_t q_stride_g, int64_t q_stride_h,
-    const float *k_cache, const float *v_cache,
+    const void *k_cache, const void *v_cache, int32_t kv_bf16,
     int64_t kv_stride_block, int64_t kv_stride_slot, int64_t kv_stride_head,
     float *out, int64_t out_stride_t, int64_t out_stride_h,
     const int32_t *cu_seqlens_q, const int32_t *context_lens,
@@ -172,11 +195,14 @@ int tpserve_paged_attention_f32(
                 continue;
             }
             const float *qh = q + (int64_t)r * q_stride_t + (int64_t)h * q_stride_g;
-            const float *k = k_cache + (int64_t)h * kv_stride_head, *v = v_cache + (int64_t)h * kv_stride_head;
+            const int size = kv_bf16 ? 2 : 4;
+            const void *k = (const char *)k_cache + (int64_t)h * kv_stride_head * size;
+            const void *v = (const char *)v_cache + (int64_t)h * kv_stride_head * size;
             float *o = out + (int64_t)r * out_stride_t + (int64_t)h * G * out_stride_h;
             switch (G * 1024 + D) {
                 SPECIALISED(CASE)
-                default: attend(ATTEND_ARGS, G, D);
+                default:
+                    if (kv_bf16) attend(ATTEND_ARGS, G, D, 1); else attend(ATTEND_ARGS, G, D, 0);
             }
         }
         free(scores);

@@ -1,6 +1,7 @@
-/* RoPE and the KV-cache store on the CPU, fp32, in one pass over the fused QKV tensor: the
+/* RoPE and the KV-cache store on the CPU, in one pass over the fused QKV tensor: the
  * semantics of kernels/rope.py's rope_reference followed by kernels/kv_cache.py's
- * store_kv_reference, done in place as the Triton backend does them.
+ * store_kv_reference, done in place as the Triton backend does them. qkv is float32; the
+ * cache is float32 or bfloat16 (kv_bf16: rounded to nearest even, as torch converts).
  *
  * qkv is [t, g, heads_per_group + 2, d] (per group: its query heads, its key head, its value
  * head). Each token's query and key heads are rotated in place by the angles of its position;
@@ -9,14 +10,23 @@
  * loaded; see paged_attention_cpu.c).
  */
 #include <stdint.h>
+#include <string.h>
 
 enum { OK = 0, ERR_POSITION = 1, ERR_SLOT = 2 };
 
-int tpserve_rope_store_kv_f32(
+static inline uint16_t bf16_from_f32(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* a NaN stays one */
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1)) >> 16);
+}
+
+int tpserve_rope_store_kv(
     float *qkv, int64_t stride_t, int64_t stride_g, int64_t stride_h,
     const int64_t *positions, const float *cos_cache, const float *sin_cache, int64_t stride_p,
     int64_t num_positions, int32_t rot_half, int32_t interleaved,
-    float *k_cache, float *v_cache, int64_t cache_stride_slot, int64_t cache_stride_head,
+    void *k_cache, void *v_cache, int32_t kv_bf16, int64_t cache_stride_slot, int64_t cache_stride_head,
     const int64_t *slot_mapping, int64_t num_slots,
     int32_t num_tokens, int32_t num_groups, int32_t heads_per_group, int32_t head_dim)
 {
@@ -56,11 +66,19 @@ int tpserve_rope_store_kv_f32(
             }
             if (slot < 0) continue;
             const float *k = group + heads_per_group * stride_h, *v = k + stride_h;
-            float *kc = k_cache + slot * cache_stride_slot + grp * cache_stride_head;
-            float *vc = v_cache + slot * cache_stride_slot + grp * cache_stride_head;
-            for (int32_t e = 0; e < head_dim; e++) {
-                kc[e] = k[e];
-                vc[e] = v[e];
+            const int64_t at = slot * cache_stride_slot + grp * cache_stride_head;
+            if (kv_bf16) {
+                uint16_t *kc = (uint16_t *)k_cache + at, *vc = (uint16_t *)v_cache + at;
+                for (int32_t e = 0; e < head_dim; e++) {
+                    kc[e] = bf16_from_f32(k[e]);
+                    vc[e] = bf16_from_f32(v[e]);
+                }
+            } else {
+                float *kc = (float *)k_cache + at, *vc = (float *)v_cache + at;
+                for (int32_t e = 0; e < head_dim; e++) {
+                    kc[e] = k[e];
+                    vc[e] = v[e];
+                }
             }
         }
     }

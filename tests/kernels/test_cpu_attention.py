@@ -17,15 +17,17 @@ from tpserve.kernels.attention import paged_attention_reference
 from tpserve.kernels.cpu_attention import paged_attention_cpu
 
 CPU = Target("cpu", torch.float32, rtol=1e-4, atol=1e-5)
+BF16_CACHE = Target("cpu", torch.bfloat16, rtol=1e-4, atol=1e-5)
 
 
-def check(seqs, g, hpg, d, block_size, window, as_view=False, seed=0):
+def check(seqs, g, hpg, d, block_size, window, as_view=False, seed=0, cache=CPU):
     gen = torch.Generator().manual_seed(seed)
-    k_cache, v_cache, cu, ctx_lens, tables = paged_batch(seqs, g, d, block_size, CPU, gen)
+    k_cache, v_cache, cu, ctx_lens, tables = paged_batch(seqs, g, d, block_size, cache, gen)
     t = sum(q for q, _ in seqs)
     q = queries(t, g, hpg, d, as_view, CPU, gen).reshape(t, g * hpg, d)
     scale = d**-0.5
-    want = paged_attention_reference(q, k_cache, v_cache, cu, ctx_lens, tables, scale, window)
+    # A bf16 cache is widened exactly and all arithmetic is float32: the float32 tolerance holds.
+    want = paged_attention_reference(q, k_cache.float(), v_cache.float(), cu, ctx_lens, tables, scale, window)
     out = torch.full((t, g * hpg, d), NAN)
     got = paged_attention_cpu(q, k_cache, v_cache, cu, ctx_lens, tables, scale, window, out=out)
     assert got is out
@@ -62,6 +64,20 @@ def test_shapes_with_their_own_code_paths(seqs, g, hpg, d, block_size, window):
     check(seqs, g, hpg, d, block_size, window, seed=7)
 
 
+@pytest.mark.parametrize(
+    "seqs, g, hpg, d, block_size, window",
+    [
+        ([(1, 40), (5, 9), (3, 3)], 2, 2, 8, 4, None),
+        ([(4, 50), (1, 17)], 2, 12, 96, 8, 20),
+        ([(1, 30 + i) for i in range(64)], 3, 3, 64, 16, None),
+        ([(37, 200), (1, 64), (0, 5)], 2, 4, 128, 16, None),
+    ],
+    ids=["d8", "gqa12-d96-window", "smollm2-batch64", "prefill-d128"],
+)
+def test_a_bfloat16_cache(seqs, g, hpg, d, block_size, window):
+    check(seqs, g, hpg, d, block_size, window, seed=11, cache=BF16_CACHE)
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_random_batches(seed):
     rng = torch.Generator().manual_seed(200 + seed)
@@ -86,7 +102,7 @@ def test_refuses_bad_inputs():
         paged_attention_cpu(torch.zeros(3, 7, 16), k_cache, v_cache, cu, ctx_lens, tables, 1.0)
     with pytest.raises(ValueError, match="head dim 12 is not a multiple of 8"):
         paged_attention_cpu(torch.zeros(3, 8, 12), k_cache[..., :12], v_cache[..., :12], cu, ctx_lens, tables, 1.0)
-    with pytest.raises(ValueError, match="k_cache must be a float32 CPU tensor, not torch.float16"):
+    with pytest.raises(ValueError, match="k_cache must be a float32 or bfloat16 CPU tensor, not torch.float16"):
         paged_attention_cpu(q, k_cache.half(), v_cache, cu, ctx_lens, tables, 1.0)
     with pytest.raises(ValueError, match="more queries than tokens in the cache"):
         paged_attention_cpu(q, k_cache, v_cache, cu, torch.tensor([1, 3], dtype=torch.int32), tables, 1.0)

@@ -16,7 +16,7 @@ from tpserve.kernels.rope import rope_reference
 TOL = dict(rtol=1e-4, atol=1e-5)
 
 
-def check(t, g, hpg, d, r, interleaved, seed, block_size=4, rotate=True):
+def check(t, g, hpg, d, r, interleaved, seed, block_size=4, rotate=True, cache_dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
     qkv = torch.randn(t, g, hpg + 2, d, generator=gen)
     positions = torch.randint(0, 512, (t,), generator=gen)
@@ -24,14 +24,14 @@ def check(t, g, hpg, d, r, interleaved, seed, block_size=4, rotate=True):
     num_blocks = t // block_size + 3
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:t]
     slots[torch.rand(t, generator=gen) < 0.3] = -1  # tokens whose K/V are already cached
-    k_cache = torch.randn(num_blocks, block_size, g, d, generator=gen)
-    v_cache = torch.randn(num_blocks, block_size, g, d, generator=gen)
+    k_cache = torch.randn(num_blocks, block_size, g, d, generator=gen).to(cache_dtype)
+    v_cache = torch.randn(num_blocks, block_size, g, d, generator=gen).to(cache_dtype)
 
     query, key, value = qkv[:, :, :hpg].reshape(t, g * hpg, d), qkv[:, :, hpg].clone(), qkv[:, :, hpg + 1].clone()
     if rotate:
         query, key = rope_reference(query, key, positions, cos, sin, interleaved)
     want_k, want_v = k_cache.clone(), v_cache.clone()
-    store_kv_reference(key, value, want_k, want_v, slots)
+    store_kv_reference(key.to(cache_dtype), value.to(cache_dtype), want_k, want_v, slots)
 
     got = qkv.clone()
     rope_store_kv_cpu(got, positions, cos if rotate else None, sin if rotate else None, interleaved,
@@ -41,13 +41,21 @@ def check(t, g, hpg, d, r, interleaved, seed, block_size=4, rotate=True):
     assert torch.equal(got[:, :, hpg + 1], qkv[:, :, hpg + 1]), "value heads must not be touched"
     if rotate:
         assert torch.equal(got[..., r:], qkv[..., r:]), "dims past the rotary dim must not be touched"
-    torch.testing.assert_close(k_cache, want_k, **TOL)
+    if cache_dtype == torch.bfloat16:  # stored rounded to nearest even, as torch converts
+        torch.testing.assert_close(k_cache, want_k, rtol=2**-8, atol=1e-5)
+    else:
+        torch.testing.assert_close(k_cache, want_k, **TOL)
     assert torch.equal(v_cache, want_v)
 
 
 @pytest.mark.parametrize("t, g, hpg, d, r, interleaved", CASES)
 def test_matches_the_references(t, g, hpg, d, r, interleaved):
     check(t, g, hpg, d, r, interleaved, seed=t * 31 + d)
+
+
+@pytest.mark.parametrize("t, g, hpg, d, r, interleaved", CASES[:4])
+def test_a_bfloat16_cache(t, g, hpg, d, r, interleaved):
+    check(t, g, hpg, d, r, interleaved, seed=t * 17 + d, cache_dtype=torch.bfloat16)
 
 
 def test_without_rotary_only_stores():
