@@ -53,8 +53,10 @@ def test_a_config_only_checkpoint_loads_with_random_weights(hf_config, tmp_path)
 def test_throughput_runs_an_architecture_with_random_weights(hf_config, tmp_path):
     out = tmp_path / "result.json"
     result = throughput.main(["--hf-config", str(hf_config), "--num-prompts", "3", "--input-len", "6",
-                              "--output-len", "4", "--repeats", "1", "--output-json", str(out)])
-    assert result["setup"]["load_format"] == "dummy"
+                              "--output-len", "4", "--repeats", "1", "--dtype", "float32", "--cpu-kernels", "native",
+                              "--output-json", str(out)])
+    assert result["setup"]["load_format"] == "dummy" and result["dtype"] == "float32"
+    assert result["cpu_kernel_tuning"] is None  # pinned: nothing timed
     assert result["output_tokens"] == 12 and result["output_tokens_per_s"] > 0
     # One step prefills the three prompts (and samples their first tokens), three decode.
     assert result["steps"] == 4
