@@ -13,6 +13,7 @@ check's dry run, proving the plumbing, not measuring this machine.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -25,6 +26,10 @@ from pathlib import Path
 import torch
 from provenance import provenance
 
+# Versions recorded besides torch's and Triton's: what tpserve imports on the GPU machine, from its
+# image or from the carried wheels.
+PACKAGES = ("transformers", "tokenizers", "safetensors", "numpy", "fastapi", "starlette", "pydantic", "pydantic-core",
+            "typing-extensions", "uvicorn", "httpx", "gguf", "pytest")
 # (copy bytes, matmul size, matmul dtype) per device: a copy far larger than the L2 and a matmul
 # that fills every multiprocessor on the GPU; small enough for a second on the CPU.
 SIZES = {"cuda": (1 << 30, 8192, torch.bfloat16), "cpu": (1 << 26, 512, torch.float32)}
@@ -70,6 +75,13 @@ def nvidia_smi() -> str:
         return f"not run: {e}"
 
 
+def version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def machine(device: str) -> dict:
     import triton
 
@@ -80,6 +92,7 @@ def machine(device: str) -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "cpu": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "packages": {name: version(name) for name in PACKAGES},
     }
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
@@ -108,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_TFLOPs": round(matmul_tflops(args.device, n, dtype), 3),
     }
     print(f"{result['device']}: copy {result['copy_GBps']:.0f} GB/s, {result['matmul']} matmul "
-          f"{result['matmul_TFLOPs']:.1f} TFLOP/s")
+          f"{result['matmul_TFLOPs']:.3g} TFLOP/s")
     args.output_json.write_text(json.dumps(result, indent=1) + "\n")
     return result
 
