@@ -57,7 +57,7 @@ class Workload:
     dtype_bytes: int  # the engine's default dtype: bf16 on a GPU, fp32 on the CPU
     decode_b1: list[str]  # throughput.py arguments
     throughput: list[str]
-    serve_tokens: int
+    serve: list[str]  # serve_check.py arguments
 
 
 GPU_WORKLOAD = Workload(
@@ -67,15 +67,16 @@ GPU_WORKLOAD = Workload(
     # At most 64 sequences at once: the batch-64 step the host-share target is stated for.
     throughput=["--num-prompts", "128", "--input-len", "256", "--input-len-range", "0", "--output-len", "256",
                 "--max-num-seqs", "64", "--repeats", "1"],
-    serve_tokens=32,
+    serve=["--max-tokens", "32"],
 )
+# A KV cache of 16 MB: sized from free memory, the CPU's would take 4 GiB, 10 s to allocate here.
 DRY_WORKLOAD = Workload(
     hf_config=ROOT / "benchmarks/configs/tiny-llama.json", dtype_bytes=4,
     decode_b1=["--num-prompts", "1", "--input-len", "8", "--input-len-range", "0", "--output-len", "8",
-               "--max-num-seqs", "1", "--repeats", "1"],
+               "--max-num-seqs", "1", "--repeats", "1", "--kv-cache-memory", "16000000"],
     throughput=["--num-prompts", "6", "--input-len", "8", "--input-len-range", "0", "--output-len", "8",
-                "--max-num-seqs", "4", "--repeats", "1"],
-    serve_tokens=8,
+                "--max-num-seqs", "4", "--repeats", "1", "--kv-cache-memory", "16000000"],
+    serve=["--max-tokens", "8", "--kv-cache-memory", "16MB"],
 )
 
 
@@ -151,7 +152,7 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
         if args.dry_run else model_run("decode_b1_eager", w.decode_b1, "--enforce-eager"),
         model_run("throughput", w.throughput),
         Step("serve", [py, "benchmarks/serve_check.py", "--hf-config", str(w.hf_config), *tokenizer,
-                       "--max-tokens", str(w.serve_tokens), "--output-json", str(serve_out)], result_json=serve_out),
+                       *w.serve, "--output-json", str(serve_out)], result_json=serve_out),
         Step("tensor_parallel", None, "tensor parallelism runs over NCCL between GPUs; this check runs on one GPU, "
                                       "so no tensor-parallel figure is measured here"),
     ]

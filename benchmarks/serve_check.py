@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tokenizer", type=Path, help="folder with tokenizer.json and tokenizer_config.json "
                                                   "(default: the default model's)")
     p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--kv-cache-memory", metavar="SIZE", help="passed to tpserve serve (default: measured)")
     p.add_argument("--start-timeout", type=float, default=300.0, help="seconds the server may take to answer")
     p.add_argument("--output-json", type=Path, required=True)
     return p.parse_args(argv)
@@ -99,6 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
         command = [sys.executable, "-P", "-m", "tpserve.server.cli", "serve", "--checkpoint", str(checkpoint),
                    "--load-format", "dummy", "--port", str(port), "--served-model-name", MODEL_NAME,
                    "--max-model-len", "1024", "--max-num-seqs", "8"]
+        if args.kv_cache_memory:
+            command += ["--kv-cache-memory", args.kv_cache_memory]
         started = time.perf_counter()
         proc = subprocess.Popen(command)
         try:

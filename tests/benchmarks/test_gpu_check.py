@@ -42,7 +42,7 @@ def test_the_dry_run_runs_every_step_in_its_cpu_form_or_says_why_not(tmp_path):
         if name not in skipped:
             assert step["status"] == "ok" and step["seconds"] <= step["limit_s"], (name, step)
     # No wheel was installed: every step ran in this venv's Python.
-    assert steps["env"]["result"]["executable"] == sys.executable
+    assert Path(steps["env"]["result"]["executable"]).parent == Path(sys.executable).parent
     assert steps["env"]["result"]["copy_GBps"] > 0
     # The GPU test selection is what the GPU machine runs; on the CPU every selected test skips.
     for name in ("gpu_tests_graphs", "gpu_tests_kernels"):
