@@ -106,6 +106,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.dry_run and args.wheels:
         p.error("--dry-run runs in this Python with its own packages; --wheels is for the GPU machine")
+    if args.wheels and not any(args.wheels.glob("*.whl")):
+        p.error(f"no wheels in {args.wheels}: run `make gpu-wheels` on a machine with a registry and carry the folder")
     # The steps run in the repository root: paths given relative to here must still hold there.
     for name in ("out", "wheels", "tokenizer"):
         if getattr(args, name) is not None:

@@ -75,6 +75,9 @@ def summarize(results: dict[str, dict], hf: dict, dtype_bytes: int, compare: boo
             figures[f"decode_b1_{mode}"] = decode_roofline(results[f"decode_b1_{mode}"], hf, dtype_bytes, copy_gbps)
     if "decode_b1_graphs" in figures:
         figures["decode_b1_of_copy_bw"] = figures["decode_b1_graphs"]["of_copy_bw"]
+        if "decode_b1_eager" in figures:  # what replaying CUDA graphs saves a batch-1 step
+            figures["decode_b1_graphs_speedup"] = round(
+                figures["decode_b1_eager"]["step_ms"] / figures["decode_b1_graphs"]["step_ms"], 2)
     if "kernels" in results:
         figures |= kernel_figures(results["kernels"])
         if figures["prefill_attention"]:

@@ -94,6 +94,9 @@ def alive(pid: int) -> bool:
 
 
 def test_every_gpu_step_command_is_accepted_by_its_script(tmp_path):
+    with pytest.raises(SystemExit):  # an empty wheel folder: `make gpu-wheels` was not run
+        gpu_check.parse_args(["--wheels", str(tmp_path), "--out", str(tmp_path)])
+    (tmp_path / "fastapi-0.165.0-py3-none-any.whl").touch()
     args = gpu_check.parse_args(["--wheels", str(tmp_path), "--tokenizer", str(tmp_path), "--out", str(tmp_path)])
     parsers = {"throughput.py": throughput.parse_args, "kernel_speed.py": kernel_speed.parse_args,
                "roofline.py": roofline.parse_args, "serve_check.py": serve_check.parse_args}
@@ -142,6 +145,8 @@ def test_figures_are_set_against_the_targets_only_off_the_cpu():
                                                "sdpa_flash_TFLOPs": 335.0}
     on_cpu = gpu_figures.summarize(results, hf, dtype_bytes=2, compare=False)
     assert [t["met"] for t in on_cpu["targets"]] == [None] * 4
+    results["decode_b1_eager"] = dict(results["decode_b1_graphs"], step_ms=15.0)
+    assert gpu_figures.summarize(results, hf, dtype_bytes=2, compare=True)["decode_b1_graphs_speedup"] == 2.5
     del results["throughput"]
     assert gpu_figures.summarize(results, hf, dtype_bytes=2, compare=True)["targets"][3]["met"] is None
 
