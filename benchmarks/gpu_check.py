@@ -29,8 +29,8 @@ import json
 import os
 import re
 import sys
-import time
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,9 +176,10 @@ def pytest_counts(output: str) -> dict:
         for number, outcome in re.findall(r"(\d+) (\w+)", final[-1]):
             counts[outcome.removesuffix("s") if outcome in ("errors", "warnings") else outcome] = int(number)
     else:
+        names = {"PASSED": "passed", "FAILED": "failed", "ERROR": "error", "SKIPPED": "skipped", "XFAIL": "xfailed",
+                 "XPASS": "xpassed"}  # as the final line names them
         for outcome in re.findall(r"^\S+::\S+ (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", output, re.M):
-            key = outcome.lower()
-            counts[key] = counts.get(key, 0) + 1
+            counts[names[outcome]] = counts.get(names[outcome], 0) + 1
     failures = re.findall(r"^(?:FAILED|ERROR) (\S+)(?: - (.*))?$", output, re.M)
     skips = re.findall(r"^SKIPPED \[(\d+)\] (.*)$", output, re.M)
     return {"counts": counts, "failures": [{"test": t, "reason": r[:300]} for t, r in failures[:30]],
@@ -257,7 +258,10 @@ def run_all(args: argparse.Namespace, steps: list[Step], report: Report, log: Pa
             results[step.name] = outcome.result
         report.set("figures", figures(results, workload, compare=not args.dry_run))
         detail = f" in {outcome.seconds} s (limit {outcome.limit_s:.0f} s)" if outcome.seconds is not None else ""
-        print(f"[{step.name}] {outcome.status}{detail}{': ' + outcome.reason if outcome.reason else ''}", flush=True)
+        line = f"[{step.name}] {outcome.status}{detail}{': ' + outcome.reason if outcome.reason else ''}"
+        print(line, flush=True)
+        with log.open("a") as f:
+            f.write(line + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
