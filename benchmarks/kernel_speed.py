@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.empty_cache()
     report = dict(
         device=torch.cuda.get_device_name(dev),
-        **provenance("kernel_speed.py"),
+        **provenance("kernel_speed.py", argv),
         torch=torch.__version__,
         triton=triton.__version__,
         dtype=args.dtype,
