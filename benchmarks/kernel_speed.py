@@ -8,7 +8,8 @@ for the memory-bound ones), and that rate as a share of what this device measura
     so they do not pay for the paged gather ours does).
 
     python benchmarks/kernel_speed.py                    # everything, bf16, JSON in benchmarks/results/
-    python benchmarks/kernel_speed.py --kernels decode --quick
+    python benchmarks/kernel_speed.py --kernels decode --shapes quick
+    python benchmarks/kernel_speed.py --shapes check     # what benchmarks/gpu_check.py runs (Llama-3-8B's heads)
 
 Results are written as JSON with the device, commit, command and date. Needs CUDA and compiled
 kernels (TRITON_INTERPRET unset); it refuses to run otherwise.
@@ -32,31 +33,45 @@ KV_HEADS = 8  # g; n = g * GQA query heads (Llama-3-8B has g = 8, n = 32)
 BLOCK_SIZE = 16
 MAX_CACHE_TOKENS = 1 << 21  # b * context cap, so K/V caches fit in ~8 GiB at d = 128
 
-# Shapes per kernel: (--quick, full). rope/store_kv: (tokens, d, gqa); decode: (batch, context,
-# d, gqa); prefill: (batch, sequence length, d, gqa), fresh causal prefills.
+# Shapes per kernel and --shapes preset. rope/store_kv: (tokens, d, gqa); decode: (batch, context,
+# d, gqa); prefill: (batch, sequence length, d, gqa), fresh causal prefills. "check" is Llama-3-8B's
+# heads (g 8, gqa 4, d 128) at the sizes the README's targets name: decode caches far larger than
+# the L2 (128 MiB to 1 GiB), prefills of 4k-16k tokens; a decode batch and a prompt for RoPE/store.
 SHAPES = {
-    "rope": ([(1, 128, 4), (256, 128, 4)], [(t, d, q) for t in (1, 64, 4096, 32768) for d in HEAD_DIMS for q in GQA]),
-    "store_kv": ([(1, 128, 4), (256, 128, 4)], [(t, d, 4) for t in (1, 64, 4096, 32768) for d in HEAD_DIMS]),
-    "decode": (
-        [(64, 4096, 128, 4), (1, 32768, 128, 8)],
-        [(b, c, d, q) for b in (1, 8, 64, 256) for c in (512, 4096, 32768) for d in HEAD_DIMS for q in GQA],
-    ),
-    "prefill": (
-        [(1, 4096, 128, 4)],
-        [(b, s, d, q) for b, s in ((32, 512), (8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 32768))
-         for d in HEAD_DIMS for q in GQA],
-    ),
+    "rope": {
+        "quick": [(1, 128, 4), (256, 128, 4)],
+        "check": [(64, 128, 4), (4096, 128, 4)],
+        "full": [(t, d, q) for t in (1, 64, 4096, 32768) for d in HEAD_DIMS for q in GQA],
+    },
+    "store_kv": {
+        "quick": [(1, 128, 4), (256, 128, 4)],
+        "check": [(64, 128, 4), (4096, 128, 4)],
+        "full": [(t, d, 4) for t in (1, 64, 4096, 32768) for d in HEAD_DIMS],
+    },
+    "decode": {
+        "quick": [(64, 4096, 128, 4), (1, 32768, 128, 8)],
+        "check": [(1, 32768, 128, 4), (64, 4096, 128, 4), (256, 1024, 128, 4)],
+        "full": [(b, c, d, q) for b in (1, 8, 64, 256) for c in (512, 4096, 32768) for d in HEAD_DIMS for q in GQA],
+    },
+    "prefill": {
+        "quick": [(1, 4096, 128, 4)],
+        "check": [(1, 4096, 128, 4), (1, 8192, 128, 4), (1, 16384, 128, 4)],
+        "full": [(b, s, d, q) for b, s in ((32, 512), (8, 2048), (4, 4096), (2, 8192), (1, 16384), (1, 32768))
+                 for d in HEAD_DIMS for q in GQA],
+    },
 }
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--kernels", default=",".join(KERNELS), help=f"comma-separated subset of {','.join(KERNELS)}")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--quick", action="store_true", help="a few shapes per kernel (a smoke run)")
+    p.add_argument("--shapes", choices=["quick", "check", "full"], default="full",
+                   help="quick: a few shapes per kernel (a smoke run); check: Llama-3-8B's heads at the sizes of the "
+                        "README's targets; full: every shape (default)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/kernels-<gpu>-<date>.json)")
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 def refuse_unless_gpu() -> None:
@@ -117,10 +132,10 @@ def sdpa_ms(q, k, v, causal: bool) -> dict:
     return out
 
 
-def bench_rope(dtype, dev, quick, copy_gbps):
+def bench_rope(dtype, dev, shapes, copy_gbps):
     from tpserve.kernels.rope import rope_
 
-    for t, d, gqa in SHAPES["rope"][not quick]:
+    for t, d, gqa in SHAPES["rope"][shapes]:
         g = KV_HEADS
         qkv = torch.randn(t, g, gqa + 2, d, dtype=dtype, device=dev)
         pos = torch.randint(0, 32768, (t,), device=dev)
@@ -133,10 +148,10 @@ def bench_rope(dtype, dev, quick, copy_gbps):
         yield dict(kernel="rope", tokens=t, d=d, gqa=gqa, g=g, ms=ms, GBps=gbps, of_copy_bw=gbps / copy_gbps)
 
 
-def bench_store_kv(dtype, dev, quick, copy_gbps):
+def bench_store_kv(dtype, dev, shapes, copy_gbps):
     from tpserve.kernels.kv_cache import store_kv
 
-    for t, d, gqa in SHAPES["store_kv"][not quick]:
+    for t, d, gqa in SHAPES["store_kv"][shapes]:
         g = KV_HEADS
         qkv = torch.randn(t, g, gqa + 2, d, dtype=dtype, device=dev)  # k, v: strided views, as the model has them
         k_cache, v_cache, _, _ = paged_cache([t], g, d, dtype, dev)
@@ -147,10 +162,10 @@ def bench_store_kv(dtype, dev, quick, copy_gbps):
         yield dict(kernel="store_kv", tokens=t, d=d, g=g, ms=ms, GBps=gbps, of_copy_bw=gbps / copy_gbps)
 
 
-def bench_decode(dtype, dev, quick, copy_gbps):
+def bench_decode(dtype, dev, shapes, copy_gbps):
     from tpserve.kernels.attention import decode_num_splits, paged_attention
 
-    for b, ctx, d, gqa in SHAPES["decode"][not quick]:
+    for b, ctx, d, gqa in SHAPES["decode"][shapes]:
         if b * ctx > MAX_CACHE_TOKENS:
             continue
         g, n = KV_HEADS, KV_HEADS * gqa
@@ -176,10 +191,10 @@ def bench_decode(dtype, dev, quick, copy_gbps):
         yield row
 
 
-def bench_prefill(dtype, dev, quick, matmul_tflops):
+def bench_prefill(dtype, dev, shapes, matmul_tflops):
     from tpserve.kernels.attention import paged_attention, varlen_attention
 
-    for b, s, d, gqa in SHAPES["prefill"][not quick]:
+    for b, s, d, gqa in SHAPES["prefill"][shapes]:
         g, n = KV_HEADS, KV_HEADS * gqa
         t = b * s
         flops = 4 * b * n * d * s * (s + 1) / 2  # causal: q·k and p·v over the lower triangle
@@ -208,8 +223,8 @@ def bench_prefill(dtype, dev, quick, matmul_tflops):
         yield row
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     refuse_unless_gpu()
     import triton
 
@@ -225,10 +240,10 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(dev)}: copy {copy_gbps:.0f} GB/s, {args.dtype} matmul {matmul_tflops:.0f} TFLOP/s")
     results = []
     runs = {
-        "rope": lambda: bench_rope(dtype, dev, args.quick, copy_gbps),
-        "store_kv": lambda: bench_store_kv(dtype, dev, args.quick, copy_gbps),
-        "decode": lambda: bench_decode(dtype, dev, args.quick, copy_gbps),
-        "prefill": lambda: bench_prefill(dtype, dev, args.quick, matmul_tflops),
+        "rope": lambda: bench_rope(dtype, dev, args.shapes, copy_gbps),
+        "store_kv": lambda: bench_store_kv(dtype, dev, args.shapes, copy_gbps),
+        "decode": lambda: bench_decode(dtype, dev, args.shapes, copy_gbps),
+        "prefill": lambda: bench_prefill(dtype, dev, args.shapes, matmul_tflops),
     }
     for name in kernels:
         for row in runs[name]():
@@ -237,7 +252,7 @@ def main() -> None:
             torch.cuda.empty_cache()
     report = dict(
         device=torch.cuda.get_device_name(dev),
-        **provenance("kernel_speed.py"),
+        **provenance("kernel_speed.py", argv),
         torch=torch.__version__,
         triton=triton.__version__,
         dtype=args.dtype,

