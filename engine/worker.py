@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 from tpserve.engine.model_runner import ModelRunner
+from tpserve.engine.step_plan import StepPlan
 from tpserve.kernels.cpu_linear import LinearKernels
 from tpserve.kernels.cpu_tuning import tune_linears
-from tpserve.engine.step_plan import StepPlan
 from tpserve.model.checkpoint import load_model
 from tpserve.model.gpt_model import GPTModel
 from tpserve.model.kv_cache import KVCache
