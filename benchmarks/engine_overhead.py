@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from tpserve import LLM, SamplingParams
     from tpserve.engine.llm_engine import StepTimes
-    from tpserve.engine.model_runner import Sample, StepResult
+    from tpserve.engine.protocol import Sample, StepResult
 
     rng = random.Random(args.seed)
     llm = LLM(args.checkpoint, max_num_seqs=args.batch,

@@ -12,8 +12,7 @@ import socket
 import time
 from multiprocessing.connection import wait
 
-from tpserve.engine.model_runner import StepResult
-from tpserve.engine.step_plan import StepPlan
+from tpserve.engine.protocol import StepPlan, StepResult
 from tpserve.engine.worker import WorkerCommand, WorkerConfig, worker_main
 
 

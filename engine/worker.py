@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tpserve.engine.model_runner import ModelRunner
-from tpserve.engine.step_plan import StepPlan
+from tpserve.engine.protocol import StepPlan
 from tpserve.model.checkpoint import load_model
 from tpserve.model.kv_cache import KVCache
 from tpserve.model.parallel_state import initialize_model_parallel

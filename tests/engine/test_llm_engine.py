@@ -11,7 +11,7 @@ import torch
 from tpserve.engine.config import EngineConfig
 from tpserve.engine.llm_engine import LLMEngine
 from tpserve.engine.sampling_params import SamplingParams
-from tpserve.engine.step_plan import StepPlan
+from tpserve.engine.protocol import StepPlan
 
 logger = logging.getLogger(__name__)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
