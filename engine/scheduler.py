@@ -134,6 +134,8 @@ class Scheduler:
             budget -= num_new
 
         self._check(scheduled)
+        if not scheduled:  # no step runs: what the workers must forget waits for the next plan
+            return SchedulerOutput(StepPlan(), [])
         plan = self._plan(scheduled, copies)
         self._in_flight.update(s.seq.seq_id for s in scheduled)
         return SchedulerOutput(plan, scheduled)
