@@ -4,8 +4,8 @@ applying the results (appending, detokenizing, stop checks), the work a GPU woul
 
     python benchmarks/engine_overhead.py --batch 64 --output-len 256 [--stream] [--output-json r.json]
 
-`--stream` takes every step's outputs as the server does (cumulative, for every request that
-moved); without it, as `LLM.generate` does (finished requests only).
+`--stream` takes every step's outputs as the server does (a delta for every request that
+moved); without it, as `LLM.generate` does (folding the deltas into whole outputs).
 """
 
 from __future__ import annotations

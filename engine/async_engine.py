@@ -37,6 +37,8 @@ class AsyncLLMEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self.error: str | None = None
+        # Replaced (never changed) by the engine thread after each step: readable from any thread.
+        self.stats = self.engine.stats()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="tpserve-engine", daemon=True)
         self._thread.start()
@@ -136,9 +138,11 @@ class AsyncLLMEngine:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     self.engine.executor.check()
+                    self.stats = self.engine.stats()
                     continue
                 for output in self.engine.step():
                     self._push(output.request_id, output)
+                self.stats = self.engine.stats()
         except BaseException as e:  # the engine is dead: fail every request, now and later
             self.error = str(e) if isinstance(e, EngineDeadError) else f"engine loop failed: {e!r}"
             logger.error("engine stopped: %s", self.error)

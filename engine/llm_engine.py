@@ -16,16 +16,13 @@ from transformers import AutoTokenizer
 
 from tpserve.engine.block_manager import BlockManager
 from tpserve.engine.config import EngineConfig
-from tpserve.engine.cuda_graph import cuda_graph_batch_sizes
 from tpserve.engine.executor import Executor
 from tpserve.engine.outputs import CompletionOutput, RequestOutput
-from tpserve.engine.protocol import StepResult
+from tpserve.engine.protocol import StepResult, WorkerConfig
 from tpserve.engine.request import Request
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.engine.scheduler import Scheduler, SchedulerOutput
-from tpserve.engine.worker import WorkerConfig
-from tpserve.model.checkpoint import read_checkpoint_info
-from tpserve.model.checkpoint.loader import at_tensor_parallel_size
+from tpserve.model.checkpoint.format import at_tensor_parallel_size, read_checkpoint_info
 
 logger = logging.getLogger(__name__)
 
@@ -84,11 +81,7 @@ class LLMEngine:
                 gpu_memory_utilization=config.gpu_memory_utilization,
                 eos_token_ids=sorted(eos),
                 random_weights=config.load_format == "dummy",
-                # A decode batch is at most max_num_seqs sequences and max_num_batched_tokens tokens.
-                cuda_graph_batch_sizes=(
-                    cuda_graph_batch_sizes(min(config.max_num_seqs, config.max_num_batched_tokens))
-                    if config.device == "cuda" and not config.enforce_eager else []
-                ),
+                enforce_eager=config.enforce_eager,
             ),
             step_timeout=config.step_timeout,
         )

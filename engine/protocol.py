@@ -1,4 +1,5 @@
-"""What crosses between the engine process and the workers: `StepPlan` out, `StepResult` back.
+"""What crosses between the engine process and the workers: a `WorkerConfig` at start-up, then
+`WorkerCommand`s, a `StepPlan` out and a `StepResult` back per step.
 
 Both sides import this module and nothing else of each other, so the engine's host side never
 loads the model to get a dataclass. The scheduler alone builds plans (it remembers what each
@@ -17,12 +18,40 @@ computed after the plan went out) travels beside the plan, keyed by the same seq
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import struct
 from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from tpserve.engine.sampling_params import SamplingParams
+
+
+class WorkerCommand(enum.Enum):
+    INIT_CACHE = "init_cache"
+    STEP = "step"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class WorkerConfig:
+    checkpoint: Path
+    world_size: int
+    init_method: str
+    device: str
+    dtype: torch.dtype
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    kv_cache_memory: int | None
+    gpu_memory_utilization: float
+    eos_token_ids: list[int]
+    random_weights: bool = False  # EngineConfig.load_format == "dummy"
+    enforce_eager: bool = False  # EngineConfig.enforce_eager: capture no CUDA graph
 
 
 @dataclass

@@ -105,16 +105,11 @@ class Request:
             text += matcher.flush()  # no stop string ended it: release what was held back
         if reason is not None:
             self.finish(seq, reason)
-        wants_logprobs = params.logprobs is not None
-        return CompletionOutput(
-            index=i,
-            text=text,
-            token_ids=[sample.token_id],
-            cumulative_logprob=seq.cumulative_logprob if wants_logprobs else None,
-            logprobs=[to_logprob(sample)] if wants_logprobs else None,
-            finish_reason=reason.value if reason is not None else None,
-            stop_reason=seq.stop_reason if reason is not None else None,
-        )
+        if params.logprobs is None:  # positional arguments: this runs for every token
+            return CompletionOutput(i, text, [sample.token_id], None, None, reason and reason.value,
+                                    seq.stop_reason if reason else None)
+        return CompletionOutput(i, text, [sample.token_id], seq.cumulative_logprob, [to_logprob(sample)],
+                                reason and reason.value, seq.stop_reason if reason else None)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
@@ -154,13 +149,5 @@ class Request:
         if self.prompt_logprobs is not None and not self.prompt_logprobs_sent:
             prompt_logprobs = list(self.prompt_logprobs)
             self.prompt_logprobs_sent = True
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            prompt_logprobs=prompt_logprobs,
-            outputs=deltas,
-            finished=self.finished,
-            num_cached_tokens=self.seqs[0].num_cached_tokens,
-            metrics=self.metrics,
-        )
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, prompt_logprobs, deltas,
+                             self.finished, self.seqs[0].num_cached_tokens, self.metrics)

@@ -96,7 +96,8 @@ class Scheduler:
         preempted = False
 
         # 1 and 2: running sequences, decodes before prompt chunks, each group oldest first.
-        ready = [s for s in self.running if s.seq_id not in self._in_flight]
+        in_flight = self._in_flight
+        ready = [s for s in self.running if s.seq_id not in in_flight] if in_flight else self.running
         decoding = [s for s in ready if s.num_uncomputed_tokens == 1]
         chunking = [s for s in ready if s.num_uncomputed_tokens > 1]
         for seq in decoding + chunking:
