@@ -13,9 +13,13 @@ from typing import AsyncIterator
 
 from tpserve.engine.async_engine import AsyncLLMEngine
 from tpserve.engine.config import EngineConfig
+from tpserve.engine.executor import EngineDeadError
 from tpserve.engine.llm_engine import EngineStats
 from tpserve.engine.outputs import RequestOutput
 from tpserve.engine.sampling_params import SamplingParams
+
+
+__all__ = ["EngineClient", "EngineDeadError"]
 
 
 class EngineClient:

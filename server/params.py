@@ -20,11 +20,11 @@ _PASSED = (
 )
 
 
-def tokenize(engine, prompt: str | list[int], param: str = "prompt") -> list[int]:
+def tokenize(client, prompt: str | list[int], param: str = "prompt") -> list[int]:
     """Token ids of a prompt (text through the checkpoint's tokenizer); 400 when it is empty, has
     ids outside the vocabulary, or leaves no room to generate (the message gives the counts)."""
     try:
-        return engine.engine.tokenize(prompt)
+        return client.tokenize(prompt)
     except ValueError as e:
         raise bad_request(str(e), param=param) from None
 
