@@ -191,10 +191,11 @@ class LLMEngine:
         return outputs
 
     def _process(self, output: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
-        for item in output.scheduled:
-            entries = result.prompt_logprobs.get(item.seq.seq_id)
-            if entries and not item.seq.is_finished:
-                self.requests[item.seq.request_id].add_prompt_logprobs(entries)
+        if result.prompt_logprobs:
+            for item in output.scheduled:
+                entries = result.prompt_logprobs.get(item.seq.seq_id)
+                if entries and not item.seq.is_finished:
+                    self.requests[item.seq.request_id].add_prompt_logprobs(entries)
         moved: dict[str, tuple[Request, list[CompletionOutput]]] = {}
         for seq, sample in self.scheduler.update_from_output(output, result):
             request = self.requests[seq.request_id]

@@ -40,7 +40,7 @@ from tpserve.engine.sequence import Sequence, SequenceStatus
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSequence:
     seq: Sequence
     num_new_tokens: int
@@ -98,8 +98,9 @@ class Scheduler:
         # 1 and 2: running sequences, decodes before prompt chunks, each group oldest first.
         in_flight = self._in_flight
         ready = [s for s in self.running if s.seq_id not in in_flight] if in_flight else self.running
-        decoding = [s for s in ready if s.num_uncomputed_tokens == 1]
-        chunking = [s for s in ready if s.num_uncomputed_tokens > 1]
+        decoding, chunking = [], []
+        for seq in ready:
+            (decoding if seq.num_uncomputed_tokens == 1 else chunking).append(seq)
         for seq in decoding + chunking:
             if seq.status != SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -197,19 +198,26 @@ class Scheduler:
             samples = result.samples.get(seq.seq_id)
             if not samples:
                 continue
-            # The forks first: they take the prompt's blocks before seq's token is appended.
-            children = []
-            for index, sample in enumerate(samples[1:], start=1):
-                child = seq.fork(index)
-                self.block_manager.fork(seq, child)
-                child.status = SequenceStatus.RUNNING
-                self.running.append(child)
-                self._append(child, sample)
-                children.append((child, sample))
-            seq.num_pending_forks = 0
-            self._append(seq, samples[0])
-            new_tokens.append((seq, samples[0]))
-            new_tokens += children
+            if len(samples) == 1:
+                self._append(seq, samples[0])
+                new_tokens.append((seq, samples[0]))
+            else:
+                new_tokens += self._fork(seq, samples)
+        return new_tokens
+
+    def _fork(self, seq: Sequence, samples: list[Sample]) -> list[tuple[Sequence, Sample]]:
+        """seq's prompt is computed and sampled n times: samples 1..n-1 of its request begin
+        here, sharing its blocks (taken before seq's own token is appended)."""
+        new_tokens = [(seq, samples[0])]
+        for index, sample in enumerate(samples[1:], start=1):
+            child = seq.fork(index)
+            self.block_manager.fork(seq, child)
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+            self._append(child, sample)
+            new_tokens.append((child, sample))
+        seq.num_pending_forks = 0
+        self._append(seq, samples[0])
         return new_tokens
 
     @staticmethod
