@@ -5,23 +5,13 @@
     model = load_model(DIR, parallel_state)   # this rank's GPTModel, only its slices read
 """
 
-import importlib
-
-# Each name is imported on first use (PEP 562), so reading a checkpoint's format does not load
-# the converters, or the model through the loader.
-_MODULES = {
-    "CheckpointError": "format",
-    "CheckpointInfo": "format",
-    "TokenizerInfo": "format",
-    "convert_gguf": "convert_gguf",
-    "convert_hf": "convert_hf",
-    "convert_megatron": "convert_megatron",
-    "export_hf": "export_hf",
-    "load_model": "loader",
-    "prepare_default_model": "default_model",
-    "read_checkpoint_info": "format",
-    "save_checkpoint": "writer",
-}
+from tpserve.model.checkpoint.convert_gguf import convert_gguf
+from tpserve.model.checkpoint.convert_hf import convert_hf
+from tpserve.model.checkpoint.convert_megatron import convert_megatron
+from tpserve.model.checkpoint.default_model import prepare_default_model
+from tpserve.model.checkpoint.export_hf import export_hf
+from tpserve.model.checkpoint.format import CheckpointError, CheckpointInfo, TokenizerInfo, read_checkpoint_info
+from tpserve.model.checkpoint.writer import save_checkpoint
 
 __all__ = [
     "CheckpointError",
@@ -39,6 +29,10 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    if name not in _MODULES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)
+    # load_model is imported on first use (PEP 562): the loader builds the model, and whoever only
+    # reads or converts checkpoints (the engine's host side, the converters) must not load it.
+    if name == "load_model":
+        from tpserve.model.checkpoint.loader import load_model
+
+        return load_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
