@@ -31,7 +31,9 @@ class EngineClient:
         self.max_num_seqs: int = config.max_num_seqs
         # The checkpoint's tokenizer, for chat templates and the text of single tokens.
         self.tokenizer = engine.tokenizer
+        # The engine's own checks, which read only what is fixed at start-up.
         self._tokenize = engine.tokenize
+        self._check_params = engine.check_params
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """A prompt's token ids; ValueError when it is empty, has ids outside the vocabulary, or
@@ -41,9 +43,7 @@ class EngineClient:
     def check_params(self, params: SamplingParams) -> None:
         """ValueError for settings the engine cannot run: n over max_num_seqs, token ids outside
         the vocabulary."""
-        if params.n > self.max_num_seqs:
-            raise ValueError(f"n={params.n} exceeds max_num_seqs={self.max_num_seqs}")
-        params.check_token_ids(self.vocab_size)
+        self._check_params(params)
 
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
                  ) -> AsyncIterator[RequestOutput]:

@@ -108,10 +108,15 @@ class LLMEngine:
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Check a request before it is queued; its prompt token ids. Raises ValueError (a bad
         request), never lets bad input reach the workers. Safe to call from any thread."""
+        self.check_params(params)
+        return self.tokenize(prompt)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """ValueError for settings the engine cannot run: n over max_num_seqs, token ids outside
+        the vocabulary. Safe to call from any thread."""
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         params.check_token_ids(self.vocab_size)
-        return self.tokenize(prompt)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """The prompt's token ids, checked. Safe to call from another thread than the engine's."""

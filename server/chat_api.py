@@ -77,7 +77,7 @@ class _ChatJob(OpenAIJob):
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = resolve_max_tokens(len(self.prompt_ids), asked, client.max_model_len)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        self.params = sampling_params(body, max_tokens, client.vocab_size, client.max_num_seqs, logprobs=logprobs)
+        self.params = sampling_params(body, max_tokens, client, logprobs=logprobs)
         self.state = StreamState()
         self.started: set[int] = set()  # choices whose role chunk went out
 

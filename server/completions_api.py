@@ -77,7 +77,7 @@ class _CompletionJob(OpenAIJob):
         self.params = [
             sampling_params(
                 body, 1 if self.scoring else resolve_max_tokens(len(ids), body.max_tokens, client.max_model_len),
-                client.vocab_size, client.max_num_seqs, logprobs=body.logprobs,
+                client, logprobs=body.logprobs,
                 prompt_logprobs=want_prompt_logprobs,
             )
             for ids in self.prompt_ids

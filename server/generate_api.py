@@ -50,8 +50,8 @@ async def generate(body: GenerateRequest, request: Request):
     request_id = request.state.request_id
     prompt_ids = tokenize(client, body.prompt)
     params = sampling_params(
-        body, resolve_max_tokens(len(prompt_ids), body.max_tokens, client.max_model_len), client.vocab_size,
-        client.max_num_seqs, logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs,
+        body, resolve_max_tokens(len(prompt_ids), body.max_tokens, client.max_model_len), client,
+        logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs,
     )
     if not body.stream:
         (out,) = await runner.final(request_id, [prompt_ids], [params], request.is_disconnected)

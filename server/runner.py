@@ -120,7 +120,7 @@ class Runner:
         except EngineDeadError as e:
             ended = "engine_dead"
             raise engine_dead(str(e)) from None
-        except ValueError as e:  # the engine refused the request (checked there too)
+        except ValueError as e:  # the engine refused the request (a request id already running)
             ended = "error"
             raise APIError(400, str(e)) from None
         except Exception:
