@@ -48,10 +48,12 @@ prepare-model: $(STAMP)
 serve: prepare-model
 	$(VENV)/bin/tpserve serve
 
-# $(call run-tests,VENV,PYTEST-ARGS). Kernel tests run in their own pytest process:
-# TRITON_INTERPRET=1 must be set before Triton is imported, and every other test runs the torch
-# backend.
+# $(call run-tests,VENV,PYTEST-ARGS). First the layer contracts (.importlinter: imports point
+# down, the server reaches the engine through its client). Kernel tests run in their own pytest
+# process: TRITON_INTERPRET=1 must be set before Triton is imported, and every other test runs the
+# torch backend.
 define run-tests
+	$(1)/bin/lint-imports
 	$(1)/bin/pytest -q $(2) tests --ignore=tests/kernels
 	TRITON_INTERPRET=1 $(1)/bin/pytest -q $(2) tests/kernels
 endef

@@ -4,8 +4,8 @@ applying the results (appending, detokenizing, stop checks), the work a GPU woul
 
     python benchmarks/engine_overhead.py --batch 64 --output-len 256 [--stream] [--output-json r.json]
 
-`--stream` takes every step's outputs as the server does (cumulative, for every request that
-moved); without it, as `LLM.generate` does (finished requests only).
+`--stream` takes every step's outputs as the server does (a delta for every request that
+moved); without it, as `LLM.generate` does (folding the deltas into whole outputs).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     from tpserve import LLM, SamplingParams
     from tpserve.engine.llm_engine import StepTimes
-    from tpserve.engine.model_runner import Sample, StepResult
+    from tpserve.engine.protocol import Sample, StepResult
 
     rng = random.Random(args.seed)
     llm = LLM(args.checkpoint, max_num_seqs=args.batch,

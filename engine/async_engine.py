@@ -13,6 +13,7 @@ and hands each output to its request's asyncio queue on the request's loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import queue
@@ -36,6 +37,8 @@ class AsyncLLMEngine:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._ids = itertools.count()
         self.error: str | None = None
+        # Replaced (never changed) by the engine thread after each step: readable from any thread.
+        self.stats = self.engine.stats()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="tpserve-engine", daemon=True)
         self._thread.start()
@@ -56,12 +59,28 @@ class AsyncLLMEngine:
         Bad input raises ValueError before anything is queued. Leaving the iteration early
         (a client that went away) aborts the request and frees its blocks.
         """
+        token_ids = self.engine.validate(prompt, params)
+        whole = None
+        # aclosing: a reader that leaves early closes the deltas at once, which aborts the request.
+        async with contextlib.aclosing(self.deltas(prompt, token_ids, params, request_id)) as deltas:
+            async for delta in deltas:
+                if whole is None:
+                    whole = RequestOutput.start(delta)
+                else:
+                    whole.add(delta)
+                yield whole.copy()
+
+    async def deltas(
+        self, prompt: str | list[int], token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """The deltas of one request (see `outputs`), the last one with finished=True. `token_ids`
+        and `params` are checked already (`LLMEngine.validate`): they are not checked again.
+        Leaving the iteration early aborts the request and frees its blocks."""
         if self.error is not None:
             raise EngineDeadError(self.error)
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
-        token_ids = self.engine.validate(prompt, params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._send(("add", request_id, prompt, params, token_ids))
@@ -106,9 +125,9 @@ class AsyncLLMEngine:
                 except ValueError as e:
                     self._push(request_id, e)
             elif command[0] == "abort":
-                final = self.engine.abort_request(command[1])
-                if final is not None:  # a reader still waiting gets the end: finish_reason "abort"
-                    self._push(command[1], final)
+                last = self.engine.abort_request(command[1])
+                if last is not None:  # a reader still waiting gets the end: finish_reason "abort"
+                    self._push(command[1], last)
 
     def _run(self) -> None:
         try:
@@ -119,9 +138,11 @@ class AsyncLLMEngine:
                     self._wake.wait(timeout=1.0)
                     self._wake.clear()
                     self.engine.executor.check()
+                    self.stats = self.engine.stats()
                     continue
                 for output in self.engine.step():
                     self._push(output.request_id, output)
+                self.stats = self.engine.stats()
         except BaseException as e:  # the engine is dead: fail every request, now and later
             self.error = str(e) if isinstance(e, EngineDeadError) else f"engine loop failed: {e!r}"
             logger.error("engine stopped: %s", self.error)

@@ -14,7 +14,10 @@ Partial blocks are never shared through the cache (their tokens are still being 
 
 Copy on write: the n samples of one request share the prompt's blocks, the partial last one
 included. A sequence about to write into a shared partial block gets its own copy first; the
-workers copy the block's K/V (`pending_copies`) before the step runs.
+scheduler tells the workers to copy the block's K/V before the step runs.
+
+Allocation is try-and-take, as vLLM's `allocate_slots`: one call checks and takes, and returns
+None (changing nothing) when too few blocks are free, so a check and a take never disagree.
 """
 
 from __future__ import annotations
@@ -46,8 +49,6 @@ class BlockManager:
         # Blocks no sequence holds, least recently freed first (the eviction order).
         self.free_block_ids: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
         self.hash_to_block_id: dict[int, int] = {}
-        # (source, destination) block copies the workers must make before the next step.
-        self.pending_copies: list[tuple[int, int]] = []
         self.num_prefix_hits = 0  # blocks found in the prefix cache, over the engine's life
 
     # --- accounting ---
@@ -110,33 +111,33 @@ class BlockManager:
             found.append(block_id)
         return found
 
-    def num_cached_tokens(self, seq: Sequence) -> int:
-        """Leading tokens of seq whose K/V the prefix cache holds."""
-        return len(self._cached_prefix(seq)) * self.block_size
+    def allocate(self, seq: Sequence, token_budget: int) -> int | None:
+        """Admit seq: take its cached prefix blocks and the blocks of its next uncached tokens, at
+        most `token_budget` of them. How many tokens it will compute, or None (nothing taken) when
+        too few blocks are free.
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
-        """Whether seq can be admitted and its first `num_new_tokens` uncached tokens computed."""
-        cached = self._cached_prefix(seq)
-        reusable_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)
-        needed = self.blocks_needed(len(cached) * self.block_size + num_new_tokens) - len(cached)
-        return needed <= self.num_free_blocks - reusable_free
-
-    def allocate(self, seq: Sequence) -> None:
-        """Admit seq: take its cached prefix blocks. The caller then calls `append_slots`."""
+            tokens  [ cached full blocks | new tokens (<= budget) | rest of the prompt ]
+            blocks  [ held, ref + 1      | taken from the free list ]
+        """
         assert not seq.block_table, f"{seq} already holds blocks"
         cached = self._cached_prefix(seq)
+        num_cached_tokens = len(cached) * self.block_size
+        num_new_tokens = min(seq.num_tokens - num_cached_tokens, token_budget)
+        # A cached block nobody holds sits in the free list: holding it takes it from there.
+        reusable_free = sum(1 for b in cached if self.blocks[b].ref_count == 0)
+        needed = self.blocks_needed(num_cached_tokens + num_new_tokens) - len(cached)
+        if needed > self.num_free_blocks - reusable_free:
+            return None
         for block_id in cached:
             self._hold(block_id)
         self.num_prefix_hits += len(cached)
         seq.block_table = list(cached)
-        seq.num_computed_tokens = len(cached) * self.block_size
+        seq.num_computed_tokens = num_cached_tokens
         if seq.num_output_tokens == 0:
-            seq.num_cached_tokens = seq.num_computed_tokens
-
-    def num_new_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
-        """Blocks seq must take to hold `num_new_tokens` more, a copy-on-write included."""
-        total = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
-        return total + int(self._needs_copy(seq))
+            seq.num_cached_tokens = num_cached_tokens
+        while len(seq.block_table) < self.blocks_needed(num_cached_tokens + num_new_tokens):
+            seq.block_table.append(self._take_free_block())
+        return num_new_tokens
 
     def _needs_copy(self, seq: Sequence) -> bool:
         """Whether seq's next token goes into a partial block another sequence still holds."""
@@ -144,19 +145,24 @@ class BlockManager:
             return False
         return self.blocks[seq.block_table[-1]].ref_count > 1
 
-    def can_append(self, seq: Sequence, num_new_tokens: int) -> bool:
-        return self.num_new_blocks(seq, num_new_tokens) <= self.num_free_blocks
-
-    def append_slots(self, seq: Sequence, num_new_tokens: int) -> None:
-        """Give seq the blocks its next `num_new_tokens` tokens are written to."""
-        if self._needs_copy(seq):
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int) -> list[tuple[int, int]] | None:
+        """Give running seq the blocks its next `num_new_tokens` tokens are written to. The
+        (source, destination) block copies the workers must make first (a copy on write of a
+        shared partial block), or None (nothing taken) when too few blocks are free."""
+        copy = self._needs_copy(seq)
+        needed = self.blocks_needed(seq.num_computed_tokens + num_new_tokens) - len(seq.block_table)
+        if needed + int(copy) > self.num_free_blocks:
+            return None
+        copies = []
+        if copy:
             shared = seq.block_table[-1]
             own = self._take_free_block()
-            self.pending_copies.append((shared, own))
+            copies.append((shared, own))
             self._release(shared)
             seq.block_table[-1] = own
-        while len(seq.block_table) < self.blocks_needed(seq.num_computed_tokens + num_new_tokens):
+        for _ in range(needed):
             seq.block_table.append(self._take_free_block())
+        return copies
 
     def cache_full_blocks(self, seq: Sequence) -> None:
         """Register seq's blocks that became full (all their K/V computed) in the prefix cache."""

@@ -1,8 +1,12 @@
-"""`EngineConfig`: how a model is served (the model itself is described by its checkpoint)."""
+"""`EngineConfig`: how a model is served (the model itself is described by its checkpoint).
+
+A field's `help` metadata is its documentation, for readers and for `tpserve serve --help`,
+whose engine flags are made from these fields (their names, defaults and checks included).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -14,36 +18,41 @@ from tpserve.model.dtype import default_dtype
 @dataclass
 class EngineConfig:
     checkpoint: Path
-    tensor_parallel_size: int = 1
-    # Most sequences in one step (the decode batch).
-    max_num_seqs: int = 256
-    # Token budget of one step: decode tokens first, then prefill chunks up to it.
-    max_num_batched_tokens: int = 2048
-    # Longest prompt + output served; None: the model's seq_length.
-    max_model_len: int | None = None
-    block_size: int = 16
-    # Bytes of KV cache per rank. None: measured (GPU: gpu_memory_utilization of the card,
-    # less weights and activations; CPU: a quarter of the available memory, at most 4 GiB).
-    kv_cache_memory: int | None = None
-    gpu_memory_utilization: float = 0.9
-    enable_prefix_caching: bool = True
-    # "cuda" or "cpu"; None: cuda when available.
-    device: str | None = None
+    tensor_parallel_size: int = field(default=1, metadata={"help": (
+        "worker processes, one per GPU (or CPU process group rank); each holds 1/N of every weight matrix. "
+        "N must divide the attention heads and query groups")})
+    max_num_seqs: int = field(default=256, metadata={"help": (
+        "most sequences generated at once (the decode batch); more requests wait in the queue")})
+    max_num_batched_tokens: int = field(default=2048, metadata={"help": (
+        "token budget of one step: decode tokens first, then prompt chunks up to it")})
+    max_model_len: int | None = field(default=None, metadata={"help": (
+        "longest prompt + completion served, in tokens; default: the model's own length (its seq_length). "
+        "Lower it to fit more sequences in the KV cache")})
+    block_size: int = field(default=16, metadata={"help": "tokens per KV-cache block"})
+    kv_cache_memory: int | None = field(default=None, metadata={"help": (
+        "KV-cache bytes per worker, e.g. 2GB or 512MB; default: measured (GPU: --gpu-memory-utilization of the "
+        "card less weights and activations; CPU: a quarter of the free memory, at most 4 GiB)")})
+    gpu_memory_utilization: float = field(default=0.9, metadata={"help": (
+        "share of each GPU's memory tpserve may use when sizing the KV cache itself")})
+    enable_prefix_caching: bool = field(default=True, metadata={"help": (
+        "keep the KV blocks of full prompt blocks for later requests with the same prefix")})
+    device: str | None = field(default=None, metadata={"help": '"cuda" or "cpu"; default: cuda when available'})
     # None: bfloat16 on GPUs and on CPUs that compute it natively (AVX512_BF16, AMX), else
     # float32 (model/dtype.py).
     dtype: torch.dtype | None = None
-    # Seconds a step may take before the workers are presumed hung and killed.
-    step_timeout: float = 600.0
-    # "auto": the checkpoint's weights; "dummy": random weights drawn on the device, only the
-    # checkpoint's config.json read (vLLM's --load-format dummy), for benchmarking large shapes.
-    load_format: str = "auto"
-    # Never capture CUDA graphs: every decode step launches its kernels one by one (for
-    # profiling or debugging a kernel). CPU steps are always eager.
-    enforce_eager: bool = False
-    # CPU: which kernel each linear layer runs. "auto": the fastest per weight shape and token
-    # count, timed on this machine once and cached (kernels/cpu_tuning.py); a candidate's name
-    # ("torch" is F.linear, "native", "mm_t") pins it everywhere, for reproducible runs.
-    cpu_kernels: str = "auto"
+    step_timeout: float = field(default=600.0, metadata={"help": (
+        "seconds a step may take before the workers are presumed hung and killed")})
+    load_format: str = field(default="auto", metadata={"help": (
+        "auto: the checkpoint's weights; dummy: random weights drawn on the device, only the checkpoint's "
+        "config.json read (vLLM's --load-format dummy), for benchmarking shapes no checkpoint ships")})
+    enforce_eager: bool = field(default=False, metadata={"help": (
+        "on a GPU, launch every decode step's kernels one by one instead of replaying CUDA graphs captured at "
+        "start-up (slower at small batches; for profiling). CPU steps are always eager")})
+    cpu_kernels: str = field(default="auto", metadata={"help": (
+        "CPU: the kernel each linear layer runs. auto: the fastest for each weight shape and token count, timed "
+        "on this machine at the first start (seconds) and cached in ~/.cache/tpserve (kernels/cpu_tuning.py); "
+        "a name pins that kernel everywhere, for reproducible runs: torch (F.linear), native (tpserve's C GEMM), "
+        "mm_t (W X^T by torch.mm, transposed back)")})
 
     def __post_init__(self) -> None:
         self.checkpoint = Path(self.checkpoint)
@@ -54,6 +63,8 @@ class EngineConfig:
         for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len={self.max_model_len} must be >= 2 (one prompt token and one generated)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
         if self.load_format not in ("auto", "dummy"):

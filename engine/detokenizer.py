@@ -86,14 +86,6 @@ class IncrementalDetokenizer:
             context, context_text = [], ""  # the prompt may end mid-character: see the docstring
         self._window = context
         self._sent = len(context_text)  # characters of decode(window) already out (or the prompt's)
-        self._deltas: list[str] = []
-
-    @property
-    def text(self) -> str:
-        """All text emitted so far."""
-        if len(self._deltas) > 1:
-            self._deltas[:] = ["".join(self._deltas)]  # joined once, then kept joined
-        return self._deltas[0] if self._deltas else ""
 
     def append(self, token_ids: list[int]) -> str:
         """Add generated tokens; return the text they complete ("" while a character is unfinished).
@@ -105,7 +97,9 @@ class IncrementalDetokenizer:
         Everything before the held U+FFFD is final, so it goes out now: of a token that ends one
         character and begins another, the first goes out at once.
         """
-        self._window.extend(t for t in token_ids if self._visible(t))
+        for t in token_ids:  # a loop, not a generator over _visible: this runs for every token
+            if t < self._vocab_size and t not in self._hidden_ids:
+                self._window.append(t)
         full = self._text_of(self._window)
         held = min(MAX_HELD_CHARS, len(full) - len(full.rstrip(REPLACEMENT_CHAR)))
         end = len(full) - held
@@ -116,8 +110,6 @@ class IncrementalDetokenizer:
         keep = KEEP_TOKENS + 3 * held
         if len(self._window) > 2 * keep:
             self._cut_window(full, keep)
-        if delta:
-            self._deltas.append(delta)
         return delta
 
     def flush(self) -> str:
@@ -125,8 +117,6 @@ class IncrementalDetokenizer:
         full = self._text_of(self._window)
         delta = full[self._sent :]
         self._sent = len(full)
-        if delta:
-            self._deltas.append(delta)
         return delta
 
     def _visible(self, token_id: int) -> bool:

@@ -12,13 +12,19 @@ import socket
 import time
 from multiprocessing.connection import wait
 
-from tpserve.engine.model_runner import StepResult
-from tpserve.engine.step_plan import StepPlan
-from tpserve.engine.worker import WorkerCommand, WorkerConfig, worker_main
+from tpserve.engine.protocol import StepPlan, StepResult, WorkerCommand, WorkerConfig
 
 
 class EngineDeadError(RuntimeError):
     """The workers are gone; nothing more can run until the engine is restarted."""
+
+
+def _run_worker(rank: int, config: WorkerConfig, conn) -> None:
+    # The worker module (the model, its kernels, CUDA graphs) is imported in the worker's
+    # process only: the engine's process never loads the model.
+    from tpserve.engine.worker import worker_main
+
+    worker_main(rank, config, conn)
 
 
 def _free_port() -> int:
@@ -36,7 +42,7 @@ class Executor:
         self._conns, self._procs = [], []
         for rank in range(config.world_size):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=worker_main, args=(rank, config, child), name=f"tpserve-worker-{rank}", daemon=True)
+            proc = ctx.Process(target=_run_worker, args=(rank, config, child), name=f"tpserve-worker-{rank}", daemon=True)
             proc.start()
             child.close()
             self._conns.append(parent)

@@ -46,11 +46,15 @@ class LLM:
         ids = [f"llm-{next(self._ids)}" for _ in prompts]
         for request_id, prompt, p in zip(ids, prompts, params_list):
             self.engine.add_request(request_id, prompt, p)
-        final: dict[str, RequestOutput] = {}
+        whole: dict[str, RequestOutput] = {}
         while self.engine.has_unfinished_requests():
-            for output in self.engine.step(only_finished=True):
-                final[output.request_id] = output
-        return [final[i] for i in ids]
+            for delta in self.engine.step():
+                output = whole.get(delta.request_id)
+                if output is None:
+                    whole[delta.request_id] = RequestOutput.start(delta)
+                else:
+                    output.add(delta)
+        return [whole[i] for i in ids]
 
     def shutdown(self) -> None:
         self.engine.shutdown()

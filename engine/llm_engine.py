@@ -1,11 +1,13 @@
 """`LLMEngine`: requests in, steps out. Synchronous; `AsyncLLMEngine` runs it on a thread.
 
-One step: schedule -> build the plan -> every rank runs it, rank 0 samples -> append the
-tokens, detokenize, check stops, fork n > 1 samples, free what finished.
+One step: the scheduler schedules and builds the plan -> every rank runs it, rank 0 samples ->
+the scheduler takes the result back (appends the tokens, forks n > 1 samples) -> the engine
+detokenizes, checks stops, finishes what stopped, and returns each moved request's delta.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 import random
 import time
@@ -15,18 +17,13 @@ from transformers import AutoTokenizer
 
 from tpserve.engine.block_manager import BlockManager
 from tpserve.engine.config import EngineConfig
-from tpserve.engine.cuda_graph import cuda_graph_batch_sizes
 from tpserve.engine.executor import Executor
-from tpserve.engine.model_runner import StepResult
-from tpserve.engine.outputs import RequestOutput
+from tpserve.engine.outputs import CompletionOutput, RequestOutput
+from tpserve.engine.protocol import StepResult, WorkerConfig
 from tpserve.engine.request import Request
 from tpserve.engine.sampling_params import SamplingParams
-from tpserve.engine.scheduler import ScheduledSequence, Scheduler
-from tpserve.engine.sequence import FinishReason, Sequence
-from tpserve.engine.step_plan import NewSequence, StepPlan
-from tpserve.engine.worker import WorkerConfig
-from tpserve.model.checkpoint import read_checkpoint_info
-from tpserve.model.checkpoint.loader import at_tensor_parallel_size
+from tpserve.engine.scheduler import Scheduler, SchedulerOutput
+from tpserve.model.checkpoint.format import at_tensor_parallel_size, read_checkpoint_info
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +82,8 @@ class LLMEngine:
                 gpu_memory_utilization=config.gpu_memory_utilization,
                 eos_token_ids=sorted(eos),
                 random_weights=config.load_format == "dummy",
+                enforce_eager=config.enforce_eager,
                 cpu_kernels=config.cpu_kernels,
-                # A decode batch is at most max_num_seqs sequences and max_num_batched_tokens tokens.
-                cuda_graph_batch_sizes=(
-                    cuda_graph_batch_sizes(min(config.max_num_seqs, config.max_num_batched_tokens))
-                    if config.device == "cuda" and not config.enforce_eager else []
-                ),
             ),
             step_timeout=config.step_timeout,
         )
@@ -116,15 +109,26 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.step_times = StepTimes()
         logger.info("KV cache: %d blocks of %d tokens", num_blocks, config.block_size)
+        # What is alive now lives as long as the engine: the tokenizer's vocabulary, the modules of
+        # torch and transformers, some 200k objects. Frozen out of the cyclic collector's reach, the
+        # full collections that every step's short-lived outputs trigger do not walk them each time
+        # (vLLM freezes its heap after start-up too; the README gives the time it saves per step).
+        gc.collect()
+        gc.freeze()
 
     # --- requests ---
     def validate(self, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Check a request before it is queued; its prompt token ids. Raises ValueError (a bad
         request), never lets bad input reach the workers. Safe to call from any thread."""
+        self.check_params(params)
+        return self.tokenize(prompt)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """ValueError for settings the engine cannot run: n over max_num_seqs, token ids outside
+        the vocabulary. Safe to call from any thread."""
         if params.n > self.config.max_num_seqs:
             raise ValueError(f"n={params.n} exceeds max_num_seqs={self.config.max_num_seqs}")
         params.check_token_ids(self.vocab_size)
-        return self.tokenize(prompt)
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """The prompt's token ids, checked. Safe to call from another thread than the engine's."""
@@ -162,14 +166,15 @@ class LLMEngine:
         self.scheduler.add(request.seqs[0])
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request; its last delta (finish_reason "abort" for every sample still running),
+        or None when it is not running."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
-        for seq in request.seqs:
-            if not seq.is_finished:
-                request.finish(seq, FinishReason.ABORT)
-                self.scheduler.finish(seq)
-        return request.output()
+        stopped, deltas = request.abort()
+        for seq in stopped:
+            self.scheduler.finish(seq)
+        return request.output(deltas)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -184,89 +189,47 @@ class LLMEngine:
         )
 
     # --- steps ---
-    def step(self, only_finished: bool = False) -> list[RequestOutput]:
-        """Run one step; the outputs of the requests that moved (cumulative, finished ones last),
-        or of those that finished only (offline generation: an output copies every token so far)."""
+    def step(self) -> list[RequestOutput]:
+        """Run one step; the deltas of the requests that moved (see `outputs`), a request's
+        last one with finished=True."""
         self.executor.check()
         start = time.perf_counter()
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
+        output = self.scheduler.schedule()
+        if not output.scheduled:
             return []
-        plan = self._plan(scheduled)
         sent = time.perf_counter()
-        result = self.executor.execute(plan)
+        result = self.executor.execute(output.plan)
         returned = time.perf_counter()
-        outputs = self._update(scheduled, result, only_finished)
+        outputs = self._process(output, result)
         end = time.perf_counter()
         self.step_times.num_steps += 1
         self.step_times.engine_s += (sent - start) + (end - returned)
         self.step_times.total_s += end - start
         return outputs
 
-    def _plan(self, scheduled: list[ScheduledSequence]) -> StepPlan:
-        plan = StepPlan(dropped_seq_ids=self.scheduler.dropped_seq_ids, block_copies=self.block_manager.pending_copies)
-        self.scheduler.dropped_seq_ids, self.block_manager.pending_copies = [], []
-        for item in scheduled:
-            seq = item.seq
-            if seq.needs_full_send:
-                plan.new_sequences.append(
-                    NewSequence(seq.seq_id, list(seq.token_ids), seq.num_prompt_tokens, list(seq.block_table),
-                                seq.params, seq.seed, seq.sample_index)
-                )
-                seq.needs_full_send = False
-                appended, start = [], len(seq.block_table)
-            else:
-                appended = seq.tokens(seq.num_tokens - seq.num_unsent_tokens, seq.num_tokens)
-                # Only the last block sent can have changed (a copy on write replaces it).
-                start = seq.num_sent_blocks
-                if start and seq.block_table[start - 1] != seq.last_sent_block:
-                    start -= 1
-            seq.num_unsent_tokens = 0
-            seq.num_sent_blocks, seq.last_sent_block = len(seq.block_table), seq.block_table[-1]
-            reaches_end = seq.num_computed_tokens + item.num_new_tokens == seq.num_tokens
-            plan.seq_ids.append(seq.seq_id)
-            plan.num_computed_tokens.append(seq.num_computed_tokens)
-            plan.num_scheduled_tokens.append(item.num_new_tokens)
-            plan.num_samples.append(1 + seq.num_pending_forks if reaches_end else 0)
-            plan.appended_tokens.append(appended)
-            plan.block_starts.append(start)
-            plan.block_tails.append(seq.block_table[start:])
-        return plan
-
-    def _update(self, scheduled: list[ScheduledSequence], result: StepResult, only_finished: bool) -> list[RequestOutput]:
-        moved: dict[str, Request] = {}
-        for item in scheduled:
-            seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
-            self.block_manager.cache_full_blocks(seq)
+    def _process(self, output: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
+        if result.prompt_logprobs:
+            for item in output.scheduled:
+                entries = result.prompt_logprobs.get(item.seq.seq_id)
+                if entries and not item.seq.is_finished:
+                    self.requests[item.seq.request_id].add_prompt_logprobs(entries)
+        moved: dict[str, tuple[Request, list[CompletionOutput]]] = {}
+        for seq, sample in self.scheduler.update_from_output(output, result):
             request = self.requests[seq.request_id]
-            if seq.seq_id in result.prompt_logprobs:
-                request.add_prompt_logprobs(result.prompt_logprobs[seq.seq_id])
-            samples = result.samples.get(seq.seq_id)
-            if not samples:
-                continue
-            moved[request.request_id] = request
-            if len(samples) > 1:  # the prompt is done: the other samples fork from here
-                for child, sample in zip(request.pending_forks, samples[1:]):
-                    self.block_manager.fork(seq, child)
-                    self.scheduler.add_running(child)
-                    self._on_token(request, child, sample)
-                seq.num_pending_forks = 0
-            self._on_token(request, seq, samples[0])
+            delta = request.on_token(seq, sample)
+            if delta.finish_reason is not None:
+                self.scheduler.finish(seq)
+            entry = moved.get(request.request_id)
+            if entry is None:
+                moved[request.request_id] = (request, [delta])
+            else:
+                entry[1].append(delta)
         outputs = []
-        for request in moved.values():
+        for request, deltas in moved.values():
             if request.finished:
                 del self.requests[request.request_id]
-            elif only_finished:
-                continue
-            outputs.append(request.output())
+            outputs.append(request.output(deltas))
         return outputs
-
-    def _on_token(self, request: Request, seq: Sequence, sample) -> None:
-        reason = request.on_token(seq, sample)
-        if reason is not None:
-            request.finish(seq, reason)
-            self.scheduler.finish(seq)
 
     def shutdown(self) -> None:
         self.executor.shutdown()

@@ -7,13 +7,14 @@ newly sampled token and any new block of each sequence.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from tpserve.engine.cuda_graph import CUDAGraphRunner
+from tpserve.engine.protocol import NewSequence, Sample, StepPlan, StepResult
 from tpserve.engine.sampler import Sampler, SamplingBatch
-from tpserve.engine.step_plan import NewSequence, StepPlan
+from tpserve.engine.sampling_params import SamplingParams
 from tpserve.model.gpt_model import GPTModel
 from tpserve.model.inference_params import InferenceParams
 from tpserve.model.kv_cache import KVCache
@@ -21,19 +22,22 @@ from tpserve.model.packed_seq_params import PackedSeqParams
 
 
 @dataclass
-class Sample:
-    token_id: int
-    logprob: float | None  # None when its request asked for no logprobs
-    top: list[tuple[int, float]]  # the most likely tokens at this position, when logprobs were asked
+class SequenceState:
+    """What this rank knows of one sequence: what the plan that introduced it said, kept up to
+    date with every later plan's deltas (tokens appended, block table tail). The rank's own
+    object: the plan's `NewSequence` is the wire format and is never mutated."""
 
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_table: list[int]
+    params: SamplingParams
+    seed: int
+    sample_index: int
 
-@dataclass
-class StepResult:
-    """What rank 0 returns: per scheduled sequence that sampled, its samples (n at a fork)."""
-
-    samples: dict[int, list[Sample]] = field(default_factory=dict)
-    # Per sequence asking prompt logprobs: (position, Sample of the prompt token there).
-    prompt_logprobs: dict[int, list[tuple[int, Sample]]] = field(default_factory=dict)
+    @classmethod
+    def from_plan(cls, new: NewSequence) -> SequenceState:
+        return cls(list(new.token_ids), new.num_prompt_tokens, list(new.block_table), new.params, new.seed,
+                   new.sample_index)
 
 
 class ModelRunner:
@@ -56,9 +60,7 @@ class ModelRunner:
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.vocab_size = model.unpadded_vocab_size
-        # What this rank knows of each sequence: its entry of the plan that introduced it, kept
-        # up to date with every later plan's deltas (tokens appended, block table tail).
-        self.sequences: dict[int, NewSequence] = {}
+        self.sequences: dict[int, SequenceState] = {}
         self.inference_params = InferenceParams(
             max_num_seqs,  # the scheduler never runs more (admission counts a request's forks)
             max_num_batched_tokens,
@@ -78,7 +80,7 @@ class ModelRunner:
         for seq_id in plan.dropped_seq_ids:
             del self.sequences[seq_id]
         for new in plan.new_sequences:
-            self.sequences[new.seq_id] = new
+            self.sequences[new.seq_id] = SequenceState.from_plan(new)
         for seq_id, tokens, start, tail in zip(plan.seq_ids, plan.appended_tokens, plan.block_starts, plan.block_tails):
             state = self.sequences[seq_id]
             state.token_ids.extend(tokens)

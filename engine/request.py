@@ -16,8 +16,8 @@ from __future__ import annotations
 import time
 
 from tpserve.engine.detokenizer import IncrementalDetokenizer
-from tpserve.engine.model_runner import Sample
 from tpserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from tpserve.engine.protocol import Sample
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.engine.sequence import FinishReason, Logprob, Sequence
 from tpserve.engine.stop_strings import StopStringMatcher
@@ -47,43 +47,41 @@ class Request:
         self.max_model_len = max_model_len
         self.metrics = RequestMetrics(arrival_time=time.monotonic())
         leader = Sequence(request_id, prompt_token_ids, params, seed, 0, self.metrics.arrival_time)
-        self.seqs = [leader] + [leader.fork(i) for i in range(1, params.n)]
-        # Samples 1..n-1 fork from sample 0 once it has computed the prompt.
+        # Samples 1..n-1 fork from sample 0 once it has computed the prompt (the scheduler makes
+        # them then); `seqs[i]` is sample i once it exists.
         leader.num_pending_forks = params.n - 1
+        self.seqs = [leader]
         self.detokenizers = [
-            IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens) for _ in self.seqs
+            IncrementalDetokenizer(tokenizer, prompt_token_ids, params.skip_special_tokens) for _ in range(params.n)
         ]
         self.stop_matchers = [
             StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
-            for _ in self.seqs
+            for _ in range(params.n)
         ]
-        self.texts = ["" for _ in self.seqs]
         # Samples finished (`finish` is called once for each); read every step, so counted, not scanned.
         self.num_finished = 0
         self.prompt_logprobs: list[Logprob | None] | None = (
             [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
         )
-        self.error: str | None = None
+        self.prompt_logprobs_sent = False
 
     @property
     def finished(self) -> bool:
-        return self.num_finished == len(self.seqs)
-
-    @property
-    def pending_forks(self) -> list[Sequence]:
-        return self.seqs[1:]
+        return self.num_finished == self.params.n
 
     def add_prompt_logprobs(self, entries: list[tuple[int, Sample]]) -> None:
         for position, sample in entries:
             self.prompt_logprobs[position] = to_logprob(sample)
 
-    def on_token(self, seq: Sequence, sample: Sample) -> FinishReason | None:
-        """Record a sampled token of `seq`; the reason it must stop, if it must."""
+    def on_token(self, seq: Sequence, sample: Sample) -> CompletionOutput:
+        """The delta of `seq`, whose token `sample` the scheduler has just appended: its text,
+        and the reason it must stop, if it must (then `finish` has been called)."""
         if self.metrics.first_token_time is None:
             self.metrics.first_token_time = time.monotonic()
         params = self.params
-        seq.append_token(sample.token_id, to_logprob(sample) if params.logprobs is not None else None)
         i = seq.sample_index
+        if i == len(self.seqs):  # a fork's first token
+            self.seqs.append(seq)
         delta = self.detokenizers[i].append([sample.token_id])
         reason = None
         if sample.token_id in self.eos_token_ids and not params.ignore_eos:
@@ -96,46 +94,60 @@ class Request:
         if reason is not None or at_length:
             delta += self.detokenizers[i].flush()  # bytes of an unfinished character, as decode shows them
         matcher, matched = self.stop_matchers[i], None
+        text = delta
         if matcher is not None and seq.num_output_tokens >= params.min_tokens:
-            emitted, matched = matcher.feed(delta)
-            self.texts[i] += emitted
+            text, matched = matcher.feed(delta)
             if matched is not None and reason is None:
                 reason, seq.stop_reason = FinishReason.STOP, matched
-        else:
-            self.texts[i] += delta
         if reason is None and at_length:
             reason = FinishReason.LENGTH
         if reason is not None and matcher is not None and matched is None:
-            self.texts[i] += matcher.flush()  # no stop string ended it: release what was held back
-        return reason
+            text += matcher.flush()  # no stop string ended it: release what was held back
+        if reason is not None:
+            self.finish(seq, reason)
+        if params.logprobs is None:  # positional arguments: this runs for every token
+            return CompletionOutput(i, text, [sample.token_id], None, None, reason and reason.value,
+                                    seq.stop_reason if reason else None)
+        return CompletionOutput(i, text, [sample.token_id], seq.cumulative_logprob, [to_logprob(sample)],
+                                reason and reason.value, seq.stop_reason if reason else None)
 
     def finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.finish_reason = reason
+        self._count_finished()
+
+    def _count_finished(self) -> None:
         self.num_finished += 1
         if self.finished:
             self.metrics.finished_time = time.monotonic()
 
-    def output(self) -> RequestOutput:
-        params = self.params
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            prompt_logprobs=list(self.prompt_logprobs) if self.prompt_logprobs is not None else None,
-            outputs=[
-                CompletionOutput(
-                    index=seq.sample_index,
-                    text=self.texts[seq.sample_index],
-                    token_ids=seq.output_token_ids,
-                    cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
-                    logprobs=list(seq.logprobs) if params.logprobs is not None else None,
-                    finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-                    stop_reason=seq.stop_reason,
-                )
-                for seq in self.seqs
-            ],
-            finished=self.finished,
-            num_cached_tokens=self.seqs[0].num_cached_tokens,
-            metrics=self.metrics,
-            error=self.error,
-        )
+    def abort(self) -> tuple[list[Sequence], list[CompletionOutput]]:
+        """Stop every sample still running: the sequences to remove from the scheduler, and the
+        last delta of each sample (of samples not forked yet too), with finish_reason "abort"."""
+        stopped, deltas = [], []
+        for i in range(self.params.n):
+            seq = self.seqs[i] if i < len(self.seqs) else None
+            if seq is not None:
+                if seq.finish_reason is not None:
+                    continue
+                self.finish(seq, FinishReason.ABORT)
+                stopped.append(seq)
+            else:
+                self._count_finished()
+            deltas.append(CompletionOutput(
+                index=i, text="", token_ids=[],
+                cumulative_logprob=(seq.cumulative_logprob if seq is not None else 0.0)
+                if self.params.logprobs is not None else None,
+                logprobs=[] if self.params.logprobs is not None else None,
+                finish_reason=FinishReason.ABORT.value,
+            ))
+        return stopped, deltas
+
+    def output(self, deltas: list[CompletionOutput]) -> RequestOutput:
+        """The request's delta for one step: the samples that moved. Its first delta with a
+        sampled token (or its last) carries the prompt logprobs, complete by then."""
+        prompt_logprobs = None
+        if self.prompt_logprobs is not None and not self.prompt_logprobs_sent:
+            prompt_logprobs = list(self.prompt_logprobs)
+            self.prompt_logprobs_sent = True
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, prompt_logprobs, deltas,
+                             self.finished, self.seqs[0].num_cached_tokens, self.metrics)

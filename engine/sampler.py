@@ -177,11 +177,6 @@ class Sampler:
         token_logprobs, top_ids, top_logprobs = gather_logprobs(penalized, token_ids, batch.num_top_logprobs)
         return SamplerOutput(token_ids, token_logprobs, top_ids, top_logprobs)
 
-    def process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """The logits a sampled row draws from: softmax of this is its distribution. For tests
-        (compared with Hugging Face's processors) and for anyone who wants the distribution."""
-        return self.truncate(self.penalize(logits, batch) / batch.temperature[:, None], batch)
-
     @staticmethod
     def penalize(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Bias, min_tokens ban and penalties: [b, V] -> [b, V] float32; the input is never changed.
@@ -289,11 +284,6 @@ def noise_key(
     for part in (seed_lo, seed_hi, sample_index, position):
         key = hash32(key ^ part)
     return key
-
-
-def exponential_noise(key: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[b] keys -> [b, V] float32 Exp(1) samples; entry (r, j) depends only on key[r] and j."""
-    return _exponential(key, hash32(torch.arange(vocab_size, device=key.device)))
 
 
 def sample_gumbel(logits: torch.Tensor, key: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """`Sequence`: one stream of tokens being generated, and everything the engine knows about it.
 
 A request with n > 1 samples owns n sequences that share the prompt. Sequences live in the
-engine process only; workers get what they need through the step plan.
+engine process only; workers get what they need through the step plan, which the scheduler
+alone builds (it, not the sequence, remembers what the workers know).
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ if TYPE_CHECKING:
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # not in the cache (new, or preempted)
     RUNNING = "running"  # has blocks; scheduled every step until it finishes
-    # Samples 1..n-1 of a request wait for sample 0 to finish the shared prompt, then fork.
-    WAITING_FOR_FORK = "waiting_for_fork"
     FINISHED = "finished"
 
 
@@ -29,7 +28,7 @@ class FinishReason(enum.Enum):
     ABORT = "abort"  # cancelled by the client, or failed
 
 
-@dataclass
+@dataclass(slots=True)
 class Logprob:
     """The log-probability of a token and the most likely alternatives at its position."""
 
@@ -67,18 +66,9 @@ class Sequence:
         self.num_computed_tokens = 0
         # Prompt tokens found in the prefix cache at admission (for usage statistics).
         self.num_cached_tokens = 0
-        # Tokens appended since the workers last heard of this sequence (sent in the next plan).
-        self.num_unsent_tokens = 0
-        # True until the workers have this sequence (new, or re-sent after a preemption).
-        self.needs_full_send = True
-        # What the workers hold of the block table: its length, and its last block (which a
-        # copy on write may replace), so a plan sends only the table's new tail.
-        self.num_sent_blocks = 0
-        self.last_sent_block = -1
-        self.logprobs: list[Logprob] = []
         self.cumulative_logprob = 0.0
-        self.num_preemptions = 0
-        # Samples of this request that fork from this sequence once its prompt is computed.
+        # Samples of this request (sample_index 1, 2, ...) that the scheduler forks from this
+        # sequence once its prompt is computed; they do not exist before.
         self.num_pending_forks = 0
 
     # --- token views ---
@@ -106,10 +96,6 @@ class Sequence:
         return len(self._token_ids) - self.num_prompt_tokens
 
     @property
-    def last_token_id(self) -> int:
-        return self._token_ids[-1]
-
-    @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
 
@@ -118,12 +104,10 @@ class Sequence:
         """Tokens still to run through the model before this sequence can sample."""
         return len(self._token_ids) - self.num_computed_tokens
 
-    def append_token(self, token_id: int, logprob: Logprob | None) -> None:
+    def append_token(self, token_id: int, logprob: float | None) -> None:
         self._token_ids.append(token_id)
-        self.num_unsent_tokens += 1
         if logprob is not None:
-            self.logprobs.append(logprob)
-            self.cumulative_logprob += logprob.logprob
+            self.cumulative_logprob += logprob
 
     def fork(self, sample_index: int) -> Sequence:
         """Sample `sample_index` of the same request: the prompt and nothing generated yet."""

@@ -9,18 +9,16 @@ An exception is sent to the executor as text before the process exits.
 
 from __future__ import annotations
 
-import enum
 import os
 import signal
 import traceback
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from tpserve.engine.cuda_graph import cuda_graph_batch_sizes
 from tpserve.engine.model_runner import ModelRunner
-from tpserve.engine.step_plan import StepPlan
+from tpserve.engine.protocol import StepPlan, WorkerCommand, WorkerConfig
 from tpserve.kernels.cpu_linear import LinearKernels
 from tpserve.kernels.cpu_tuning import tune_linears
 from tpserve.model.checkpoint import load_model
@@ -31,31 +29,6 @@ from tpserve.model.parallel_state import ParallelState, initialize_model_paralle
 # How long the first start on a machine may spend timing the CPU linear kernels; entries it
 # does not reach (the largest token counts come last) are timed by later starts.
 CPU_TUNING_SECONDS = 10.0
-
-
-class WorkerCommand(enum.Enum):
-    INIT_CACHE = "init_cache"
-    STEP = "step"
-    SHUTDOWN = "shutdown"
-
-
-@dataclass
-class WorkerConfig:
-    checkpoint: Path
-    world_size: int
-    init_method: str
-    device: str
-    dtype: torch.dtype
-    block_size: int
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    kv_cache_memory: int | None
-    gpu_memory_utilization: float
-    eos_token_ids: list[int]
-    random_weights: bool = False  # EngineConfig.load_format == "dummy"
-    cpu_kernels: str = "auto"  # EngineConfig.cpu_kernels
-    cuda_graph_batch_sizes: list[int] = field(default_factory=list)  # decode sizes to capture; empty: eager
 
 
 def _available_cpu_memory() -> int:
@@ -161,7 +134,11 @@ def _serve(rank: int, config: WorkerConfig, conn) -> None:
         eos_token_ids=config.eos_token_ids,
         is_driver=rank == 0,
         device=device,
-        cuda_graph_batch_sizes=config.cuda_graph_batch_sizes,
+        # A decode batch is at most max_num_seqs sequences and max_num_batched_tokens tokens.
+        cuda_graph_batch_sizes=(
+            cuda_graph_batch_sizes(min(config.max_num_seqs, config.max_num_batched_tokens))
+            if device.type == "cuda" and not config.enforce_eager else []
+        ),
     )
     conn.send(("ready", None))
     while True:

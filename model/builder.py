@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 
 from tpserve.model.config import TransformerConfig, check_known_fields
-from tpserve.model.core_attention import AttentionBackend
-from tpserve.model.gpt_model import GPTModel
-from tpserve.model.layer_specs import default_layer_spec
 from tpserve.model.parallel_state import ParallelState
+
+if TYPE_CHECKING:
+    from tpserve.model.core_attention import AttentionBackend
+    from tpserve.model.gpt_model import GPTModel
 
 
 @dataclass
@@ -83,6 +84,12 @@ class GPTModelBuilder:
         post_process: bool = True,
     ) -> GPTModel:
         """This rank's model, parameters uninitialised (a checkpoint fills them)."""
+        # Imported here: reading a checkpoint's config (the engine's host side does) must not
+        # load the model's layers and kernels.
+        from tpserve.model.core_attention import AttentionBackend
+        from tpserve.model.gpt_model import GPTModel
+        from tpserve.model.layer_specs import default_layer_spec
+
         cfg = self.model_config
         transformer = cfg.transformer
         if transformer.tensor_model_parallel_size != parallel_state.world_size:

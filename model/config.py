@@ -135,10 +135,6 @@ class TransformerConfig:
         return self.num_attention_heads // self.num_query_groups
 
     @property
-    def num_attention_heads_local(self) -> int:
-        return self.num_attention_heads // self.tensor_model_parallel_size
-
-    @property
     def num_query_groups_local(self) -> int:
         return self.num_query_groups // self.tensor_model_parallel_size
 

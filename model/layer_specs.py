@@ -28,7 +28,7 @@ _CORE_ATTENTION = {
 }
 
 
-def local_layer_spec(config: TransformerConfig, attention_backend: AttentionBackend) -> ModuleSpec:
+def local_layer_spec(attention_backend: AttentionBackend) -> ModuleSpec:
     if attention_backend not in _CORE_ATTENTION:
         raise ValueError(
             f"attention backend {attention_backend!r} has no core attention class; "
@@ -54,4 +54,4 @@ def local_layer_spec(config: TransformerConfig, attention_backend: AttentionBack
 
 def default_layer_spec(config: TransformerConfig, attention_backend: AttentionBackend) -> ModuleSpec:
     """The best spec this installation can run (no Transformer Engine spec is shipped yet)."""
-    return local_layer_spec(config, attention_backend)
+    return local_layer_spec(attention_backend)

@@ -1,4 +1,4 @@
-"""The FastAPI app around a running `AsyncLLMEngine`: routes, middleware, probes, metrics.
+"""The FastAPI app around a running engine (its `EngineClient`): routes, middleware, probes, metrics.
 
     GET  /health   200 while the server and its engine live (no model work); 503 once a worker
                    died: the server cannot recover, restart it
@@ -19,8 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from tpserve.engine.async_engine import AsyncLLMEngine
-from tpserve.engine.executor import EngineDeadError
+from tpserve.engine.client import EngineClient, EngineDeadError
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.server import chat_api, completions_api, generate_api, megatron_api, openai_api
 from tpserve.server.errors import APIError, engine_dead, install_error_handlers
@@ -31,7 +30,7 @@ from tpserve.server.runner import Runner, ServerConfig
 logger = logging.getLogger(__name__)
 
 
-def build_app(engine: AsyncLLMEngine, config: ServerConfig, shutdown_engine: bool = True) -> FastAPI:
+def build_app(engine: EngineClient, config: ServerConfig, shutdown_engine: bool = True) -> FastAPI:
     """The app serving `engine`. With `shutdown_engine`, the app's shutdown stops the engine and
     its workers (after uvicorn has drained the requests in flight)."""
     metrics = Metrics()
@@ -94,7 +93,7 @@ def build_app(engine: AsyncLLMEngine, config: ServerConfig, shutdown_engine: boo
     return app
 
 
-async def _one_step(engine: AsyncLLMEngine, request_id: str) -> None:
+async def _one_step(engine: EngineClient, request_id: str) -> None:
     """One prefill and one sampled token through every worker: the readiness probe."""
     tokenizer = engine.tokenizer
     token = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else (tokenizer.eos_token_id or 0)

@@ -18,6 +18,7 @@ from tpserve.server.openai_api import OpenAIJob, TokenText, finite, runner_of, u
 from tpserve.server.params import resolve_max_tokens, sampling_params, tokenize
 from tpserve.server.protocol import ChatCompletionRequest
 from tpserve.server.runner import Runner
+from tpserve.server.stream_state import StreamState
 from tpserve.server.streaming import event_stream
 
 router = APIRouter()
@@ -67,21 +68,18 @@ class _ChatJob(OpenAIJob):
                               param="tool_choice")
         if body.top_logprobs is not None and not body.logprobs:
             raise bad_request("top_logprobs needs logprobs=true", param="top_logprobs")
-        tokenizer = runner.engine.tokenizer
+        client = runner.client
+        tokenizer = client.tokenizer
         prompt = chat_prompt(body, tokenizer)
         # The template writes any special tokens itself; the tokenizer must not add another BOS.
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        self.prompt_ids = tokenize(runner.engine, ids, param="messages")
-        engine = runner.engine.engine
+        self.prompt_ids = tokenize(client, ids, param="messages")
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = resolve_max_tokens(len(self.prompt_ids), asked, engine.max_model_len)
+        max_tokens = resolve_max_tokens(len(self.prompt_ids), asked, client.max_model_len)
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        self.params = sampling_params(body, max_tokens, engine.vocab_size, engine.config.max_num_seqs,
-                                      logprobs=logprobs)
-        self.sent_text: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
-        self.done: set[int] = set()
-        self.last: RequestOutput | None = None
+        self.params = sampling_params(body, max_tokens, client, logprobs=logprobs)
+        self.state = StreamState()
+        self.started: set[int] = set()  # choices whose role chunk went out
 
     def response(self, out: RequestOutput) -> dict:
         choices = [{
@@ -102,31 +100,23 @@ class _ChatJob(OpenAIJob):
         return self.chunk([choice])
 
     def render(self, batch: dict[int, RequestOutput]) -> list[str]:
-        out = batch[0]
-        self.last = out
+        """Chunks of a delta (the state has folded it already)."""
         lines = []
-        for o in out.outputs:
-            if o.index in self.done:
-                continue
-            if o.index not in self.sent_text:  # OpenAI's first chunk: the role, no content yet
+        for o in batch[0].outputs:
+            if o.index not in self.started:  # OpenAI's first chunk: the role, no content yet
                 lines.append(self._chunk(o.index, {"role": "assistant", "content": ""}))
-                self.sent_text[o.index] = self.sent_tokens[o.index] = 0
-            text = o.text[self.sent_text[o.index]:]
-            new_ids = o.token_ids[self.sent_tokens[o.index]:]
-            if text or (new_ids and self.body.logprobs):
+                self.started.add(o.index)
+            if o.text or (o.token_ids and self.body.logprobs):
                 logprobs = None
                 if self.body.logprobs:
-                    entries = (o.logprobs or [])[self.sent_tokens[o.index]:]
-                    logprobs = {"content": chat_logprobs(entries, new_ids, self.text)}
-                lines.append(self._chunk(o.index, {"content": text}, logprobs))
-            self.sent_text[o.index], self.sent_tokens[o.index] = len(o.text), len(o.token_ids)
+                    logprobs = {"content": chat_logprobs(o.logprobs or [], o.token_ids, self.text)}
+                lines.append(self._chunk(o.index, {"content": o.text}, logprobs))
             if o.finished:
-                self.done.add(o.index)
                 lines.append(self._chunk(o.index, {}, None, o.finish_reason, o.stop_reason))
         return lines
 
     def end(self) -> list[str]:
-        return self.usage_chunk([self.last] if self.last is not None else [])
+        return self.usage_chunk(self.state.finished())
 
 
 @router.post("/v1/chat/completions")
@@ -135,7 +125,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     runner.check_available()
     job = _ChatJob(body, runner, request.state.request_id, request.app.state.token_text)
     if body.stream:
-        outputs = runner.stream(job.id, [job.prompt_ids], [job.params])
+        outputs = runner.stream(job.id, [job.prompt_ids], [job.params], job.state)
         return await event_stream(outputs, job.render, job.end)
     (out,) = await runner.final(job.id, [job.prompt_ids], [job.params], request.is_disconnected)
     return job.response(out)

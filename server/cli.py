@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -149,6 +150,44 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# EngineConfig fields offered as `tpserve serve` flags, with what argparse needs beyond the
+# field itself (its name, default and help come from EngineConfig; its checks run there too).
+ENGINE_FLAGS = {
+    "tensor_parallel_size": dict(type=int, metavar="N"),
+    "max_model_len": dict(type=int, metavar="TOKENS"),
+    "max_num_seqs": dict(type=int, metavar="N"),
+    "max_num_batched_tokens": dict(type=int, metavar="TOKENS"),
+    "kv_cache_memory": dict(type=_size, metavar="SIZE"),
+    "gpu_memory_utilization": dict(type=float, metavar="FRACTION"),
+    "load_format": dict(choices=["auto", "dummy"]),
+    "enforce_eager": dict(action="store_true"),
+    "cpu_kernels": dict(metavar="auto|torch|native|mm_t"),
+}
+
+
+def _add_engine_flags(group) -> None:
+    from tpserve.engine.config import EngineConfig
+
+    fields = {f.name: f for f in dataclasses.fields(EngineConfig)}
+    for name, extra in ENGINE_FLAGS.items():
+        f = fields[name]
+        shown = f.default not in (None, False)
+        group.add_argument(f"--{name.replace('_', '-')}", default=f.default,
+                           help=f.metadata["help"] + (" (default %(default)s)" if shown else ""), **extra)
+
+
+def _engine_config(parser: argparse.ArgumentParser, args: argparse.Namespace, checkpoint):
+    """EngineConfig from the flags; its refusals are usage errors, named as the flags are."""
+    from tpserve.engine.config import EngineConfig
+    from tpserve.model.checkpoint.format import parse_dtype
+
+    try:
+        return EngineConfig(checkpoint, dtype=None if args.dtype == "auto" else parse_dtype(args.dtype),
+                            **{name: getattr(args, name) for name in ENGINE_FLAGS})
+    except ValueError as e:  # "max_num_seqs=0 must be >= 1" -> "--max-num-seqs must be >= 1"
+        parser.error(re.sub(r"\b([a-z_]+)=\S+", lambda m: "--" + m[1].replace("_", "-"), str(e), count=1))
+
+
 def _add_serve(subparsers) -> None:
     p = subparsers.add_parser(
         "serve", description=SERVE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -166,54 +205,11 @@ def _add_serve(subparsers) -> None:
              "folder's name. A request naming another model gets 404",
     )
     model.add_argument(
-        "--tensor-parallel-size", type=int, default=1, metavar="N",
-        help="worker processes, one per GPU (or CPU process group rank); each holds 1/N of every weight "
-             "matrix. N must divide the attention heads and query groups (default 1)",
-    )
-    model.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
         help="dtype of weights and KV cache; auto: bfloat16 on a GPU and on a CPU that computes it natively "
              "(AVX512_BF16 or AMX), float32 on other CPUs",
     )
-    model.add_argument(
-        "--cpu-kernels", default="auto", metavar="auto|torch|native|mm_t",
-        help="CPU: the kernel each linear layer runs. auto: the fastest for each weight shape and token count, "
-             "timed on this machine at the first start (seconds) and cached in ~/.cache/tpserve; a name pins "
-             "that kernel everywhere, for reproducible runs: torch (F.linear), native (tpserve's C GEMM), "
-             "mm_t (W X^T by torch.mm, transposed back) (default auto)",
-    )
-    model.add_argument(
-        "--max-model-len", type=int, metavar="TOKENS",
-        help="longest prompt + completion served, in tokens; default: the model's own length (its "
-             "seq_length). Lower it to fit more sequences in the KV cache",
-    )
-    model.add_argument(
-        "--max-num-seqs", type=int, default=256, metavar="N",
-        help="most sequences generated at once (the decode batch); more requests wait in the queue (default 256)",
-    )
-    model.add_argument(
-        "--max-num-batched-tokens", type=int, default=2048, metavar="TOKENS",
-        help="token budget of one step: decode tokens first, then prompt chunks up to it (default 2048)",
-    )
-    model.add_argument(
-        "--kv-cache-memory", type=_size, metavar="SIZE",
-        help="KV-cache bytes per worker, e.g. 2GB or 512MB; default: measured (GPU: --gpu-memory-utilization "
-             "of the card less weights and activations; CPU: a quarter of the free memory, at most 4 GiB)",
-    )
-    model.add_argument(
-        "--gpu-memory-utilization", type=float, default=0.9, metavar="FRACTION",
-        help="share of each GPU's memory tpserve may use when sizing the KV cache itself (default 0.9)",
-    )
-    model.add_argument(
-        "--load-format", choices=["auto", "dummy"], default="auto",
-        help="auto: the checkpoint's weights; dummy: random weights drawn on the device, only the checkpoint's "
-             "config.json and tokenizer read (for benchmarking shapes no checkpoint can be carried for)",
-    )
-    model.add_argument(
-        "--enforce-eager", action="store_true",
-        help="on a GPU, launch every decode step's kernels one by one instead of replaying CUDA graphs "
-             "captured at start-up (slower at small batches; for profiling). CPU steps are always eager",
-    )
+    _add_engine_flags(model)
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1",
                       help="address to listen on (default 127.0.0.1; 0.0.0.0 listens on every interface)")
@@ -252,16 +248,11 @@ def _add_serve(subparsers) -> None:
 def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from tpserve.engine.config import EngineConfig
-    from tpserve.model.checkpoint.format import parse_dtype
     from tpserve.server.runner import ServerConfig
     from tpserve.server.serve import bind_socket, serve
 
-    for flag in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be >= 1")
-    if args.max_model_len is not None and args.max_model_len < 2:
-        parser.error("--max-model-len must be >= 2 (one prompt token and one generated)")
+    # Checked before anything loads (the checkpoint, once known, replaces this stand-in).
+    engine_config = _engine_config(parser, args, Path(args.checkpoint or "."))
     if args.max_queued_requests < 0:
         parser.error("--max-queued-requests must be >= 0")
     if args.api_key == "":
@@ -276,13 +267,7 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
             checkpoint = prepare_default_model()
         else:
             checkpoint = Path(args.checkpoint)
-        engine_config = EngineConfig(
-            checkpoint, tensor_parallel_size=args.tensor_parallel_size, max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-            kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-            enforce_eager=args.enforce_eager, dtype=None if args.dtype == "auto" else parse_dtype(args.dtype),
-            cpu_kernels=args.cpu_kernels, load_format=args.load_format,
-        )
+        engine_config = dataclasses.replace(engine_config, checkpoint=checkpoint)
         server_config = ServerConfig(
             model_name=args.served_model_name or checkpoint.resolve().name, api_key=args.api_key,
             max_queued_requests=args.max_queued_requests, max_request_bytes=args.max_request_bytes,

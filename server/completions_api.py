@@ -20,6 +20,7 @@ from tpserve.server.openai_api import OpenAIJob, TokenText, finite, runner_of, u
 from tpserve.server.params import resolve_max_tokens, sampling_params, tokenize
 from tpserve.server.protocol import CompletionRequest
 from tpserve.server.runner import Runner
+from tpserve.server.stream_state import StreamState
 from tpserve.server.streaming import event_stream
 
 router = APIRouter()
@@ -66,28 +67,26 @@ class _CompletionJob(OpenAIJob):
         if not prompts:
             raise bad_request("the prompt is empty", param="prompt")
         runner.check_batch(len(prompts))
-        self.prompt_ids = [tokenize(runner.engine, p) for p in prompts]
-        self.prompt_texts = [p if isinstance(p, str) else runner.engine.tokenizer.decode(p) for p in prompts]
+        client = runner.client
+        self.prompt_ids = [tokenize(client, p) for p in prompts]
+        self.prompt_texts = [p if isinstance(p, str) else client.tokenizer.decode(p) for p in prompts]
         self.scoring = body.max_tokens == 0
-        engine = runner.engine.engine
         want_prompt_logprobs = body.prompt_logprobs
         if body.echo and body.logprobs is not None:
             want_prompt_logprobs = max(body.logprobs, body.prompt_logprobs or 0)
         self.params = [
             sampling_params(
-                body, 1 if self.scoring else resolve_max_tokens(len(ids), body.max_tokens, engine.max_model_len),
-                engine.vocab_size, engine.config.max_num_seqs, logprobs=body.logprobs,
+                body, 1 if self.scoring else resolve_max_tokens(len(ids), body.max_tokens, client.max_model_len),
+                client, logprobs=body.logprobs,
                 prompt_logprobs=want_prompt_logprobs,
             )
             for ids in self.prompt_ids
         ]
         self.n = body.n
-        # Streaming: what each choice has been sent so far.
-        self.sent_text: dict[int, int] = {}
-        self.sent_tokens: dict[int, int] = {}
+        self.state = StreamState()
+        # Streaming: the choices that have sent a chunk, and each one's text offset so far.
+        self.started: set[int] = set()
         self.offsets: dict[int, int] = {}
-        self.done: set[int] = set()  # choices whose finish_reason went out
-        self.finished: dict[int, RequestOutput] = {}
 
     def choice(self, i: int, out: RequestOutput, o: CompletionOutput) -> dict:
         """The whole choice (non-streaming)."""
@@ -120,18 +119,15 @@ class _CompletionJob(OpenAIJob):
 
     # --- streaming ---
     def render(self, batch: dict[int, RequestOutput]) -> list[str]:
+        """Chunks of a batch of deltas (the state has folded them already)."""
         lines = []
-        for i, out in sorted(batch.items()):
-            if out.finished:
-                self.finished[i] = out
-            for o in out.outputs:
+        for i, delta in sorted(batch.items()):
+            whole = self.state.outputs[i]
+            for o in delta.outputs:
                 index = i * self.n + o.index
-                if index in self.done:
-                    continue
-                first = index not in self.sent_text
-                sent_text, sent_tokens = self.sent_text.get(index, 0), self.sent_tokens.get(index, 0)
-                text = "" if self.scoring else o.text[sent_text:]
-                entries, ids = self._logprob_entries(out, o, sent_tokens, first)
+                first = index not in self.started
+                text = "" if self.scoring else o.text
+                entries, ids = self._logprob_entries(whole, o, 0, first)
                 if first and self.body.echo:
                     text = self.prompt_texts[i] + text
                 finish = ("length" if self.scoring else o.finish_reason) if o.finished else None
@@ -141,16 +137,13 @@ class _CompletionJob(OpenAIJob):
                 logprobs = completion_logprobs(entries, ids, self.text, start) if self.body.logprobs is not None else None
                 if logprobs is not None:
                     self.offsets[index] = start + sum(len(t) for t in logprobs["tokens"])
-                self.sent_text[index] = len(o.text)
-                self.sent_tokens[index] = len(o.token_ids)
-                if finish is not None:
-                    self.done.add(index)
+                self.started.add(index)
                 lines.append(self.chunk([{"index": index, "text": text, "logprobs": logprobs,
                                            "finish_reason": finish, "stop_reason": o.stop_reason if finish else None}]))
         return lines
 
     def end(self) -> list[str]:
-        return self.usage_chunk([self.finished[i] for i in sorted(self.finished)], self.scoring)
+        return self.usage_chunk(self.state.finished(), self.scoring)
 
 
 def prompt_logprobs_json(out: RequestOutput) -> list[dict | None] | None:
@@ -174,7 +167,7 @@ async def completions(body: CompletionRequest, request: Request):
     runner.check_available()
     job = _CompletionJob(body, runner, request.state.request_id, request.app.state.token_text)
     if body.stream:
-        outputs = runner.stream(job.id, job.prompt_ids, job.params)
+        outputs = runner.stream(job.id, job.prompt_ids, job.params, job.state)
         return await event_stream(outputs, job.render, job.end)
     outs = await runner.final(job.id, job.prompt_ids, job.params, request.is_disconnected)
     return job.response(outs)

@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tpserve.engine.executor import EngineDeadError
+from tpserve.engine.client import EngineDeadError
 
 logger = logging.getLogger(__name__)
 

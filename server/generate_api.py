@@ -29,6 +29,7 @@ from tpserve.engine.sequence import Logprob
 from tpserve.server.openai_api import finite, runner_of, usage
 from tpserve.server.params import resolve_max_tokens, sampling_params, tokenize
 from tpserve.server.protocol import GenerateRequest
+from tpserve.server.stream_state import StreamState
 from tpserve.server.streaming import event_stream, sse
 
 router = APIRouter()
@@ -45,12 +46,12 @@ def logprobs_json(entries: list[Logprob | None] | None) -> list[dict | None] | N
 async def generate(body: GenerateRequest, request: Request):
     runner = runner_of(request)
     runner.check_available()
-    engine = runner.engine.engine
+    client = runner.client
     request_id = request.state.request_id
-    prompt_ids = tokenize(runner.engine, body.prompt)
+    prompt_ids = tokenize(client, body.prompt)
     params = sampling_params(
-        body, resolve_max_tokens(len(prompt_ids), body.max_tokens, engine.max_model_len), engine.vocab_size,
-        engine.config.max_num_seqs, logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs,
+        body, resolve_max_tokens(len(prompt_ids), body.max_tokens, client.max_model_len), client,
+        logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs,
     )
     if not body.stream:
         (out,) = await runner.final(request_id, [prompt_ids], [params], request.is_disconnected)
@@ -64,35 +65,29 @@ async def generate(body: GenerateRequest, request: Request):
             "usage": usage([out]),
         }
 
-    sent: dict[int, tuple[int, int]] = {}  # sample index -> (characters, tokens) sent
-    done: set[int] = set()  # samples whose last delta went out
-    last: list[RequestOutput] = []
+    state = StreamState()
 
     def render(batch: dict[int, RequestOutput]) -> list[str]:
-        out = batch[0]
-        last[:] = [out]
         lines = []
-        for o in out.outputs:
-            chars, tokens = sent.get(o.index, (0, 0))
-            if o.index in done or (len(o.text) == chars and len(o.token_ids) == tokens and not o.finished):
+        for o in batch[0].outputs:
+            if not o.text and not o.token_ids and not o.finished:
                 continue
-            event = {"id": request_id, "index": o.index, "text": o.text[chars:], "token_ids": o.token_ids[tokens:],
+            event = {"id": request_id, "index": o.index, "text": o.text, "token_ids": o.token_ids,
                      "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
             if o.logprobs is not None:
-                event["logprobs"] = logprobs_json(o.logprobs[tokens:])
-            if o.finished:
-                done.add(o.index)
-                if out.prompt_logprobs is not None:
-                    event["prompt_logprobs"] = logprobs_json(out.prompt_logprobs)
-            sent[o.index] = (len(o.text), len(o.token_ids))
+                event["logprobs"] = logprobs_json(o.logprobs)
+            whole = state.outputs[0]
+            if o.finished and whole.prompt_logprobs is not None:
+                event["prompt_logprobs"] = logprobs_json(whole.prompt_logprobs)
             lines.append(sse(event))
         return lines
 
     def end() -> list[str]:
-        out = last[0]
+        out = state.outputs[0]
         return [sse({"id": request_id, "finished": True,
                      "outputs": [{"index": o.index, "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
                                  for o in out.outputs],
                      "usage": usage([out])})]
 
-    return await event_stream(runner.stream(request_id, [prompt_ids], [params]), render, end, done_line=False)
+    return await event_stream(runner.stream(request_id, [prompt_ids], [params], state), render, end,
+                              done_line=False)

@@ -128,18 +128,18 @@ async def megatron_generate(request: Request):
     except APIError as e:
         return _error(e.message, e.status, e.headers)
 
-    engine = runner.engine.engine
-    tokenizer = runner.engine.tokenizer
+    max_model_len = runner.client.max_model_len
+    tokenizer = runner.client.tokenizer
     bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     prompt_ids, params = [], []
     generate = max(body["tokens_to_generate"], 1)  # 0 scores: one token is sampled and dropped
     stop = ["\n\n"] if body["stop_on_double_eol"] else ["\n"] if body["stop_on_eol"] else None
     for i, prompt in enumerate(body["prompts"]):
         ids = ([bos] if body["add_bos"] else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        if len(ids) + generate > engine.max_model_len:
+        if len(ids) + generate > max_model_len:
             return _error(f"Length of prompt + tokens_to_generate longer than allowed: prompt {i} has {len(ids)} "
                           f"tokens, plus {body['tokens_to_generate']} to generate, and the model's length is "
-                          f"{engine.max_model_len}")
+                          f"{max_model_len}")
         prompt_ids.append(ids)
         top_k, top_p = body["top_k"], body["top_p"] or 1.0
         params.append(SamplingParams(

@@ -76,13 +76,13 @@ class _EngineCollector:
         return []
 
     def collect(self):
-        engine = self.runner.engine
-        healthy = engine.is_healthy
+        client = self.runner.client
+        healthy = client.is_healthy
         yield GaugeMetricFamily("tpserve_engine_healthy", "1 while the engine and its workers run", value=int(healthy))
         yield GaugeMetricFamily("tpserve_num_requests_in_server", "Engine requests admitted and not finished "
                                 "(running or queued)", value=self.runner.active)
-        # Plain reads of the engine's counters from another thread: a scrape may be a step stale.
-        stats = engine.engine.stats()
+        # The snapshot the engine thread published after its last step.
+        stats = client.stats()
         yield GaugeMetricFamily("tpserve_num_running_sequences", "Sequences being generated", value=stats.num_running)
         yield GaugeMetricFamily("tpserve_num_waiting_sequences", "Sequences queued in the scheduler (the queue "
                                 "length)", value=stats.num_waiting)

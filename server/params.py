@@ -9,6 +9,7 @@ the prompt leaves of the model's length.
 
 from __future__ import annotations
 
+from tpserve.engine.client import EngineClient
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.server.errors import APIError, bad_request
 from tpserve.server.protocol import SamplingFields
@@ -20,11 +21,11 @@ _PASSED = (
 )
 
 
-def tokenize(engine, prompt: str | list[int], param: str = "prompt") -> list[int]:
+def tokenize(client: EngineClient, prompt: str | list[int], param: str = "prompt") -> list[int]:
     """Token ids of a prompt (text through the checkpoint's tokenizer); 400 when it is empty, has
     ids outside the vocabulary, or leaves no room to generate (the message gives the counts)."""
     try:
-        return engine.engine.tokenize(prompt)
+        return client.tokenize(prompt)
     except ValueError as e:
         raise bad_request(str(e), param=param) from None
 
@@ -48,20 +49,21 @@ def resolve_max_tokens(num_prompt_tokens: int, max_tokens: int | None, max_model
 
 
 def sampling_params(
-    body: SamplingFields, max_tokens: int, vocab_size: int, max_num_seqs: int,
+    body: SamplingFields, max_tokens: int, client: EngineClient,
     logprobs: int | None = None, prompt_logprobs: int | None = None,
 ) -> SamplingParams:
-    """SamplingParams for a request; every value it refuses becomes a 400 with its message."""
+    """SamplingParams for a request, checked by the engine's client (the only check it gets);
+    every value refused becomes a 400 with its message."""
     kwargs = {name: getattr(body, name) for name in _PASSED if getattr(body, name) is not None}
     if body.logit_bias:
         kwargs["logit_bias"] = body.logit_bias
-    if body.n > max_num_seqs:
-        raise bad_request(f"n={body.n} exceeds the server's --max-num-seqs={max_num_seqs}", param="n")
+    if body.n > client.max_num_seqs:  # named as the flag a server's operator sets
+        raise bad_request(f"n={body.n} exceeds the server's --max-num-seqs={client.max_num_seqs}", param="n")
     try:
         params = SamplingParams(
             **kwargs, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
         )
-        params.check_token_ids(vocab_size)
+        client.check_params(params)
     except ValueError as e:
         raise bad_request(str(e)) from None
     return params

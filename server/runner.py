@@ -6,14 +6,14 @@ the server at once (those running, those waiting for a slot); one more is refuse
 answers 503.
 
 A route that runs several engine requests (a completion with several prompts) reads them as one
-stream. Outputs are cumulative, so only the newest one of each request matters: a pump task
-per request keeps the latest, and the reader takes whatever changed since it last looked. A
-slow client therefore never makes outputs pile up in memory. Leaving the stream (a client gone,
-a deadline passed, an error) cancels the pumps, which aborts the engine requests and frees
-their KV blocks.
+stream of deltas. A pump task per request merges the deltas the reader has not taken yet into
+one, and the reader takes whatever changed since it last looked: a slow client gets several
+steps' text in one delta, and what waits for it in memory is only what it has not been sent.
+Leaving the stream (a client gone, a deadline passed, an error) cancels the pumps, which aborts
+the engine requests and frees their KV blocks.
 
-    engine.generate(0) --pump--> latest[0] --\
-    engine.generate(1) --pump--> latest[1] ----> changed -> reader: {index: newest output}
+    client.generate(0) --pump--> pending[0] --\
+    client.generate(1) --pump--> pending[1] ----> changed -> reader: {index: merged delta}
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from tpserve.engine.async_engine import AsyncLLMEngine
-from tpserve.engine.executor import EngineDeadError
+from tpserve.engine.client import EngineClient, EngineDeadError
 from tpserve.engine.outputs import RequestOutput
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.server.errors import APIError, engine_dead
 from tpserve.server.metrics import Metrics
+from tpserve.server.stream_state import StreamState
 
 
 @dataclass
@@ -45,27 +45,27 @@ class ServerConfig:
 
 
 class Runner:
-    def __init__(self, engine: AsyncLLMEngine, config: ServerConfig, metrics: Metrics) -> None:
-        self.engine = engine
+    def __init__(self, client: EngineClient, config: ServerConfig, metrics: Metrics) -> None:
+        self.client = client
         self.config = config
         self.metrics = metrics
-        self.capacity = engine.engine.config.max_num_seqs + config.max_queued_requests
+        self.capacity = client.max_num_seqs + config.max_queued_requests
         self.active = 0  # engine requests admitted and not yet done
         self.draining = False
         self._ids = itertools.count()
 
     @property
     def max_model_len(self) -> int:
-        return self.engine.engine.max_model_len
+        return self.client.max_model_len
 
     def check_available(self) -> None:
         if self.draining:
             self.metrics.rejected.labels("shutting_down").inc()
             raise APIError(503, "the server is shutting down and takes no new requests", code="shutting_down",
                            headers={"Retry-After": "5"})
-        if not self.engine.is_healthy:
+        if not self.client.is_healthy:
             self.metrics.rejected.labels("engine_dead").inc()
-            raise engine_dead(self.engine.error)
+            raise engine_dead(self.client.error)
 
     def check_batch(self, count: int) -> None:
         """A batch that could never be admitted, even into an idle server, is a client error."""
@@ -92,13 +92,14 @@ class Runner:
         return [f"{base}-{tag}-{i}" for i in range(count)]
 
     async def stream(
-        self, base_id: str, prompts: list[list[int]], params: list[SamplingParams]
+        self, base_id: str, prompts: list[list[int]], params: list[SamplingParams], state: StreamState
     ) -> AsyncIterator[dict[int, RequestOutput]]:
-        """Outputs of one engine request per prompt, as {prompt index: newest cumulative output}
-        for those that moved, until all have finished. Raises APIError 504 past the request
-        timeout and 503 when the engine dies; leaving early aborts what still runs."""
+        """Deltas of one engine request per prompt, as {prompt index: delta} for those that
+        moved, until all have finished; each batch is folded into `state` before it is yielded.
+        Raises APIError 504 past the request timeout and 503 when the engine dies; leaving early
+        aborts what still runs."""
         self.admit(len(prompts))
-        merged = _Merged(self.engine, self.engine_ids(base_id, len(prompts)), prompts, params)
+        merged = _Merged(self.client, self.engine_ids(base_id, len(prompts)), prompts, params)
         timeout = self.config.request_timeout
         deadline = time.monotonic() + timeout if timeout else None
         ended = "cancelled"  # why unfinished requests are aborted: a client gone, a server stopping
@@ -107,9 +108,10 @@ class Runner:
                 batch = await merged.next(deadline)
                 if batch is None:
                     return
-                for out in batch.values():
-                    if out.finished:
-                        self.metrics.on_finished(out)
+                state.add(batch)
+                for i, delta in batch.items():
+                    if delta.finished:
+                        self.metrics.on_finished(state.outputs[i])
                 yield batch
         except TimeoutError:
             ended = "timeout"
@@ -118,7 +120,7 @@ class Runner:
         except EngineDeadError as e:
             ended = "engine_dead"
             raise engine_dead(str(e)) from None
-        except ValueError as e:  # the engine refused the request (checked there too)
+        except ValueError as e:  # the engine refused the request (a request id already running)
             ended = "error"
             raise APIError(400, str(e)) from None
         except Exception:
@@ -134,11 +136,11 @@ class Runner:
                     is_disconnected=None) -> list[RequestOutput]:
         """The finished outputs, in prompt order (non-streaming routes). `is_disconnected`, an
         async callable, is asked every half second: a client gone aborts the requests."""
-        done: dict[int, RequestOutput] = {}
+        state = StreamState()
 
         async def collect() -> None:
-            async for batch in self.stream(base_id, prompts, params):
-                done.update(batch)
+            async for _ in self.stream(base_id, prompts, params, state):
+                pass
 
         task = asyncio.create_task(collect())
         try:
@@ -150,27 +152,31 @@ class Runner:
             task.result()
         finally:
             task.cancel()
-        return [done[i] for i in range(len(prompts))]
+        return [state.outputs[i] for i in range(len(prompts))]
 
 
 class _Merged:
-    def __init__(self, engine: AsyncLLMEngine, ids: list[str], prompts: list[list[int]],
+    def __init__(self, client: EngineClient, ids: list[str], prompts: list[list[int]],
                  params: list[SamplingParams]) -> None:
-        self.latest: dict[int, RequestOutput] = {}
+        self.pending: dict[int, RequestOutput] = {}  # deltas not taken yet, merged per request
         self.error: BaseException | None = None
         self.num_done = 0
         self.num_finished = 0
         self.changed = asyncio.Event()
         self.tasks = [
-            asyncio.create_task(self._pump(i, engine.generate(p, sp, rid)))
+            asyncio.create_task(self._pump(i, client.generate(p, sp, rid)))
             for i, (rid, p, sp) in enumerate(zip(ids, prompts, params))
         ]
 
     async def _pump(self, index: int, outputs: AsyncIterator[RequestOutput]) -> None:
         try:
-            async for out in outputs:
-                self.latest[index] = out
-                self.num_finished += out.finished
+            async for delta in outputs:
+                pending = self.pending.get(index)
+                if pending is None:
+                    self.pending[index] = delta
+                else:
+                    pending.add(delta)
+                self.num_finished += delta.finished
                 self.changed.set()
         except Exception as e:  # noqa: BLE001 - handed to the reader
             self.error = self.error or e
@@ -183,8 +189,8 @@ class _Merged:
         while True:
             if self.error is not None:
                 raise self.error
-            if self.latest:
-                batch, self.latest = self.latest, {}
+            if self.pending:
+                batch, self.pending = self.pending, {}
                 return batch
             if self.num_done == len(self.tasks):
                 return None
@@ -193,7 +199,7 @@ class _Merged:
             await asyncio.wait_for(self.changed.wait(), remaining)
 
     def close(self) -> int:
-        """Cancel what still runs (an unfinished engine.generate, closed, aborts its request and
+        """Cancel what still runs (an unfinished client.generate, closed, aborts its request and
         frees its blocks); how many requests had not finished."""
         for task in self.tasks:
             task.cancel()

@@ -19,7 +19,7 @@ import threading
 
 import uvicorn
 
-from tpserve.engine.async_engine import AsyncLLMEngine
+from tpserve.engine.client import EngineClient
 from tpserve.engine.config import EngineConfig
 from tpserve.server.app import build_app
 from tpserve.server.runner import ServerConfig
@@ -86,7 +86,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, sock: socket
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("starting the engine: %s, tensor parallel size %d", engine_config.checkpoint,
                 engine_config.tensor_parallel_size)
-    engine = AsyncLLMEngine(engine_config)
+    engine = EngineClient(engine_config)
     try:
         app = build_app(engine, server_config)
         config = uvicorn.Config(
@@ -95,7 +95,7 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, sock: socket
         )
         server = DrainingServer(config, app.state.runner)
         logger.info("serving %s on http://%s:%d (max_model_len %d)", server_config.model_name, host, port,
-                    engine.engine.max_model_len)
+                    engine.max_model_len)
         server.run(sockets=[sock])
     finally:
         engine.shutdown()

@@ -10,7 +10,7 @@ import transformers
 
 from tpserve.engine.model_runner import ModelRunner
 from tpserve.engine.sampling_params import SamplingParams
-from tpserve.engine.step_plan import NewSequence, StepPlan
+from tpserve.engine.protocol import NewSequence, StepPlan
 from tpserve.model.builder import GPTModelBuilder, GPTModelConfig
 from tpserve.model.checkpoint.hf import gpt_config_from_hf, megatron_state_dict_from_hf
 from tpserve.model.checkpoint.load import load_weights

@@ -11,7 +11,6 @@ from tpserve.model.checkpoint.convert_megatron import convert_megatron
 from tpserve.model.checkpoint.default_model import prepare_default_model
 from tpserve.model.checkpoint.export_hf import export_hf
 from tpserve.model.checkpoint.format import CheckpointError, CheckpointInfo, TokenizerInfo, read_checkpoint_info
-from tpserve.model.checkpoint.loader import load_model
 from tpserve.model.checkpoint.writer import save_checkpoint
 
 __all__ = [
@@ -27,3 +26,13 @@ __all__ = [
     "read_checkpoint_info",
     "save_checkpoint",
 ]
+
+
+def __getattr__(name: str):
+    # load_model is imported on first use (PEP 562): the loader builds the model, and whoever only
+    # reads or converts checkpoints (the engine's host side, the converters) must not load it.
+    if name == "load_model":
+        from tpserve.model.checkpoint.loader import load_model
+
+        return load_model
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

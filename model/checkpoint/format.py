@@ -168,3 +168,22 @@ def read_checkpoint_info(path: str | Path, require_weights: bool = True) -> Chec
         tokenizer=tokenizer,
         has_tokenizer=(path / "tokenizer.json").is_file(),
     )
+
+
+def valid_tp_sizes(config: GPTModelConfig, limit: int = 64) -> list[int]:
+    t = config.transformer
+    return [
+        tp for tp in range(1, limit + 1)
+        if t.num_attention_heads % tp == 0 and t.num_query_groups % tp == 0 and t.ffn_hidden_size % tp == 0
+    ]
+
+
+def at_tensor_parallel_size(config: GPTModelConfig, tp: int, where: Path | str = "checkpoint") -> GPTModelConfig:
+    """`config` split over `tp` ranks; a TP that does not divide the heads fails with the sizes that would."""
+    try:
+        return config.with_tensor_parallel_size(tp)
+    except ValueError as e:
+        raise CheckpointError(
+            f"{where}: cannot load at tensor_model_parallel_size={tp}: {e} "
+            f"(sizes that work for this model: {valid_tp_sizes(config)})"
+        ) from None

@@ -4,37 +4,21 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
 from tpserve.model.builder import GPTModelBuilder, GPTModelConfig
-from tpserve.model.checkpoint.format import CheckpointError, read_checkpoint_info
+from tpserve.model.checkpoint.format import CheckpointError, at_tensor_parallel_size, read_checkpoint_info
 from tpserve.model.checkpoint.load import check_weights, load_parameter, param_shardings
 from tpserve.model.checkpoint.safetensors_source import SafetensorsSource
 from tpserve.model.core_attention import AttentionBackend
 from tpserve.model.dtype import default_dtype
-from tpserve.model.gpt_model import GPTModel
 from tpserve.model.parallel_state import ParallelState
 
-
-def valid_tp_sizes(config: GPTModelConfig, limit: int = 64) -> list[int]:
-    t = config.transformer
-    return [
-        tp for tp in range(1, limit + 1)
-        if t.num_attention_heads % tp == 0 and t.num_query_groups % tp == 0 and t.ffn_hidden_size % tp == 0
-    ]
-
-
-def at_tensor_parallel_size(config: GPTModelConfig, tp: int, where: Path | str = "checkpoint") -> GPTModelConfig:
-    """`config` split over `tp` ranks; a TP that does not divide the heads fails with the sizes that would."""
-    try:
-        return config.with_tensor_parallel_size(tp)
-    except ValueError as e:
-        raise CheckpointError(
-            f"{where}: cannot load at tensor_model_parallel_size={tp}: {e} "
-            f"(sizes that work for this model: {valid_tp_sizes(config)})"
-        ) from None
+if TYPE_CHECKING:
+    from tpserve.model.gpt_model import GPTModel
 
 
 def serving_config(

@@ -14,7 +14,8 @@ from helpers import build, converted, random_hf_model
 from test_llm_engine import GREEDY, hf_greedy, make_engine, prompts, run
 
 from tpserve.engine.config import EngineConfig
-from tpserve.engine.worker import WorkerConfig, bind_cpu_linear_kernels
+from tpserve.engine.protocol import WorkerConfig
+from tpserve.engine.worker import bind_cpu_linear_kernels
 from tpserve.kernels import cpu_info, cpu_linear
 from tpserve.kernels.cpu_linear import CANDIDATES, Candidate
 from tpserve.kernels.cpu_tuning import Entry, TuningKey

@@ -11,8 +11,9 @@ from helpers import ENGINE_PINS
 
 from tpserve.engine.config import EngineConfig
 from tpserve.engine.llm_engine import LLMEngine
+from tpserve.engine.outputs import RequestOutput
 from tpserve.engine.sampling_params import SamplingParams
-from tpserve.engine.step_plan import StepPlan
+from tpserve.engine.protocol import StepPlan
 
 logger = logging.getLogger(__name__)
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
@@ -30,7 +31,8 @@ def make_engine(path, **overrides) -> LLMEngine:
 
 def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], per_step: int | None = None,
         plans: list[StepPlan] | None = None) -> list:
-    """Run requests to the end, `per_step` arriving before each step (all at once if None)."""
+    """Run requests to the end, `per_step` arriving before each step (all at once if None); their
+    whole outputs, folded from the engine's deltas."""
     if plans is not None:
         execute = engine.executor.execute
         engine.executor.execute = lambda plan: (plans.append(plan), execute(plan))[1]
@@ -41,9 +43,11 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], per
             for request_id, prompt, sp in pending[: per_step or len(pending)]:
                 engine.add_request(request_id, prompt, sp)
             pending = pending[per_step or len(pending):]
-            for out in engine.step():
-                if out.finished:
-                    done[out.request_id] = out
+            for delta in engine.step():
+                if delta.request_id in done:
+                    done[delta.request_id].add(delta)
+                else:
+                    done[delta.request_id] = RequestOutput.start(delta)
                 # FCFS: the waiting queue stays in arrival order, preempted sequences included.
                 arrivals = [s.arrival_time for s in engine.scheduler.waiting]
                 assert arrivals == sorted(arrivals)
@@ -51,6 +55,7 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], per
         if plans is not None:
             engine.executor.execute = execute
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks, "blocks leaked"
+    assert all(out.finished for out in done.values())
     return [done[f"r{i}"] for i in range(len(requests))]
 
 
@@ -144,21 +149,24 @@ def test_n_samples_share_the_prompt_blocks_and_copy_the_partial_one(engine):
     execute = engine.executor.execute
     engine.executor.execute = lambda plan: (plans.append(plan), execute(plan))[1]
     try:
-        engine.step()  # the prompt, and 3 samples drawn from its last row
+        deltas = engine.step()  # the prompt, and 3 samples drawn from its last row
         assert plans[-1].num_samples == [3]
         seqs = engine.requests["fork"].seqs
         bm = engine.block_manager
         assert len({tuple(s.block_table) for s in seqs}) == 1
         assert [bm.blocks[b].ref_count for b in seqs[0].block_table] == [3, 3]
-        engine.step()  # each writes its first token: two copy the shared partial block
+        deltas += engine.step()  # each writes its first token: two copy the shared partial block
         assert len(plans[-1].block_copies) == 2
         assert len({s.block_table[0] for s in seqs}) == 1 and len({s.block_table[1] for s in seqs}) == 3
-        outs = []
         while engine.has_unfinished_requests():
-            outs = engine.step() or outs
+            deltas += engine.step()
     finally:
         engine.executor.execute = execute
-    samples = [c.token_ids for c in outs[0].outputs]
+    whole = RequestOutput.start(deltas[0])
+    for delta in deltas[1:]:
+        whole.add(delta)
+    assert whole.finished
+    samples = [c.token_ids for c in whole.outputs]
     assert len(samples) == 3 and len({tuple(s) for s in samples}) == 3
     assert bm.num_free_blocks == bm.num_blocks
 

@@ -1,20 +1,73 @@
-"""`StepPlan`: the one message that crosses from the scheduler to the workers, once per step.
+"""What crosses between the engine process and the workers: a `WorkerConfig` at start-up, then
+`WorkerCommand`s, a `StepPlan` out and a `StepResult` back per step.
 
-Incremental, as in vLLM v1: a sequence is sent in full once (tokens, blocks, sampling
+Both sides import this module and nothing else of each other, so the engine's host side never
+loads the model to get a dataclass. The scheduler alone builds plans (it remembers what each
+worker knows); each worker keeps its own per-sequence state, updated from them.
+
+`StepPlan` is the one message from the scheduler to the workers, once per step. Incremental, as in vLLM v1: a sequence is sent in full once (tokens, blocks, sampling
 settings), then only as deltas: the tokens sampled since, the blocks added. Workers keep the
 rest. It travels as bytes: a small JSON header for new sequences and flat int32 arrays for
-the per-step part, so a decode step costs a few ints per sequence (never a pickled object).
+the per-step part, so a decode step costs a few ints per sequence (never a pickled object),
+and any transport can carry it (a pipe today, a torch.distributed broadcast to other nodes).
+
+A later per-step side message to the sampling rank only (a structured-output token bitmask,
+computed after the plan went out) travels beside the plan, keyed by the same sequence ids.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import struct
 from array import array
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from tpserve.engine.sampling_params import SamplingParams
+
+
+class WorkerCommand(enum.Enum):
+    INIT_CACHE = "init_cache"
+    STEP = "step"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class WorkerConfig:
+    checkpoint: Path
+    world_size: int
+    init_method: str
+    device: str
+    dtype: torch.dtype
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    kv_cache_memory: int | None
+    gpu_memory_utilization: float
+    eos_token_ids: list[int]
+    random_weights: bool = False  # EngineConfig.load_format == "dummy"
+    enforce_eager: bool = False  # EngineConfig.enforce_eager: capture no CUDA graph
+
+
+@dataclass
+class Sample:
+    token_id: int
+    logprob: float | None  # None when its request asked for no logprobs
+    top: list[tuple[int, float]]  # the most likely tokens at this position, when logprobs were asked
+
+
+@dataclass
+class StepResult:
+    """What the sampling rank returns: per scheduled sequence that sampled, its samples (n at a fork)."""
+
+    samples: dict[int, list[Sample]] = field(default_factory=dict)
+    # Per sequence asking prompt logprobs: (position, Sample of the prompt token there).
+    prompt_logprobs: dict[int, list[tuple[int, Sample]]] = field(default_factory=dict)
 
 
 @dataclass

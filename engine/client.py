@@ -1,0 +1,71 @@
+"""`EngineClient`: the engine as the HTTP server sees it, and all the server may touch of it.
+
+The model's limits, `tokenize`, `generate` (deltas), `abort`, `stats` and health. Every member
+is safe to call from the HTTP thread while the engine thread steps: limits are fixed at start-up,
+stats are a snapshot the engine thread publishes after each step, and requests travel through
+`AsyncLLMEngine`'s inbox. A request is validated once, here (`tokenize`, `check_params`), before
+`generate`, which hands it to the engine unchecked.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator
+
+from tpserve.engine.async_engine import AsyncLLMEngine
+from tpserve.engine.config import EngineConfig
+from tpserve.engine.executor import EngineDeadError
+from tpserve.engine.llm_engine import EngineStats
+from tpserve.engine.outputs import RequestOutput
+from tpserve.engine.sampling_params import SamplingParams
+
+
+__all__ = ["EngineClient", "EngineDeadError"]
+
+
+class EngineClient:
+    def __init__(self, config: EngineConfig) -> None:
+        self._engine = AsyncLLMEngine(config)
+        engine = self._engine.engine
+        self.max_model_len: int = engine.max_model_len
+        self.vocab_size: int = engine.vocab_size
+        self.max_num_seqs: int = config.max_num_seqs
+        # The checkpoint's tokenizer, for chat templates and the text of single tokens.
+        self.tokenizer = engine.tokenizer
+        # The engine's own checks, which read only what is fixed at start-up.
+        self._tokenize = engine.tokenize
+        self._check_params = engine.check_params
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids; ValueError when it is empty, has ids outside the vocabulary, or
+        leaves no room to generate."""
+        return self._tokenize(prompt)
+
+    def check_params(self, params: SamplingParams) -> None:
+        """ValueError for settings the engine cannot run: n over max_num_seqs, token ids outside
+        the vocabulary."""
+        self._check_params(params)
+
+    def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
+                 ) -> AsyncIterator[RequestOutput]:
+        """The request's deltas (tpserve.engine.outputs), the last one with finished=True.
+        `prompt_token_ids` come from `tokenize`, `params` passed `check_params`. Leaving the
+        iteration early aborts the request. Raises EngineDeadError when the engine is dead."""
+        return self._engine.deltas(None, prompt_token_ids, params, request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._engine.abort(request_id)
+
+    def stats(self) -> EngineStats:
+        return self._engine.stats
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._engine.is_healthy
+
+    @property
+    def error(self) -> str | None:
+        """Why the engine stopped, once it has."""
+        return self._engine.error
+
+    def shutdown(self) -> None:
+        self._engine.shutdown()
