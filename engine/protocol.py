@@ -52,6 +52,7 @@ class WorkerConfig:
     eos_token_ids: list[int]
     random_weights: bool = False  # EngineConfig.load_format == "dummy"
     enforce_eager: bool = False  # EngineConfig.enforce_eager: capture no CUDA graph
+    cpu_kernels: str = "auto"  # EngineConfig.cpu_kernels
 
 
 @dataclass
