@@ -5,7 +5,6 @@ README's targets (which no CPU run reaches)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time
