@@ -122,6 +122,8 @@ def _serve(rank: int, config: WorkerConfig, conn) -> None:
     conn.send(("ready", (kv_cache_bytes(config, model, device) // bytes_per_block, tuning)))
 
     command, num_blocks = conn.recv()
+    if command == WorkerCommand.SHUTDOWN:  # the engine refused to start (e.g. too few blocks)
+        return
     assert command == WorkerCommand.INIT_CACHE, command
     kv_cache = KVCache(model.config, num_blocks, config.block_size, config.dtype, device)
     model.bind_kv_cache(kv_cache)

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import TPSERVE
+from helpers import SERVE_PINS, TPSERVE
 
 from tpserve.model.checkpoint import read_checkpoint_info
 from tpserve.model.checkpoint import gguf as gguf_module
@@ -103,6 +103,16 @@ def test_the_console_script_exits_1_and_2_without_a_traceback(tmp_path):
     assert missing.stderr.splitlines()[-1].startswith(f"tpserve serve: error: {tmp_path / 'none'}: no such checkpoint")
     usage = subprocess.run([TPSERVE, "serve", "--max-num-seqs", "0"], capture_output=True, text=True, timeout=120)
     assert usage.returncode == 2 and usage.stderr.splitlines()[-1] == "tpserve serve: error: --max-num-seqs must be >= 1"
+
+
+def test_a_refused_start_stops_its_workers_cleanly(tiny_ckpt):
+    """Workers told to stop before they allocate their cache (here: too little KV memory) exit
+    as they would after serving; a worker dying on the unexpected message left a semaphore of
+    its progress bar for Python's resource tracker to warn about at exit."""
+    run = subprocess.run([TPSERVE, "serve", "--port", "0", "--checkpoint", str(tiny_ckpt), "--kv-cache-memory", "1KB",
+                          *SERVE_PINS], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1 and "tpserve serve: error: the KV cache holds 0 tokens" in run.stderr
+    assert "Traceback" not in run.stderr and "leaked" not in run.stderr, run.stderr
 
 
 @pytest.mark.slow
