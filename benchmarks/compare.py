@@ -24,6 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 import serving  # noqa: E402
+from provenance import write_result  # noqa: E402
 
 
 def ratio(a, b) -> str:
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         server["extra_body"] = body
         result["servers"].append(server)
         if args.output_json:  # after each server, so a failed peer leaves the others' figures
-            Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+            write_result(args.output_json, result)
     print_table(result["servers"])
     if args.plot:
         serving.plot(result["servers"], args.plot, " vs ".join(s["name"] for s in result["servers"])

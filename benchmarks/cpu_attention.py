@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import torch
-from provenance import provenance
+from provenance import provenance, write_result
 
 BLOCK_SIZE = 16
 # (batch, context, g, heads per group, d): SmolLM2-135M's attention (3 kv heads of 64, GQA 3)
@@ -114,8 +114,7 @@ def main() -> None:
     report = dict(benchmark="cpu_attention", **provenance("cpu_attention.py"),
                   device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
                   threads=args.threads, torch=torch.__version__, read_GBps=gbps, results=results)
-    args.output_json.parent.mkdir(parents=True, exist_ok=True)
-    args.output_json.write_text(json.dumps(report, indent=2) + "\n")
+    write_result(args.output_json, report)
     print(f"wrote {args.output_json}")
 
 

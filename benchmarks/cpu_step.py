@@ -17,14 +17,13 @@ the step's time as a share of it says how much is left to win.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from provenance import provenance
+from provenance import provenance, write_result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,8 +54,8 @@ class Stopwatch:
 
 def peak_gemm_rate(shapes, dtype: torch.dtype, tokens: int = 1024) -> tuple[float, str]:
     """The best FLOP/s any candidate reaches on any of the model's weight shapes at `tokens` rows."""
-    from tpserve.kernels.cpu_tuning import time_entry
     from tpserve.kernels.cpu_linear import CANDIDATES
+    from tpserve.kernels.cpu_tuning import time_entry
 
     candidates = [c for c, cand in CANDIDATES.items() if cand.runs_here(dtype)]
     best, where = 0.0, ""
@@ -169,8 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"the step reaches {100 * result['step_share_of_roofline']:.0f}% of it, the matmuls "
           f"{100 * result['matmul_share_of_roofline']:.0f}%")
     if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.output_json, result)
     return result
 
 

@@ -11,12 +11,10 @@ moved); without it, as `LLM.generate` does (folding the deltas into whole output
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
-from pathlib import Path
 
-from provenance import provenance
+from provenance import provenance, write_result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -75,8 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"batch {args.batch}, {args.output_len} output tokens{' (streaming)' if args.stream else ''}: "
           f"{steps.num_steps} steps, engine {result['engine_ms_per_step']:.3f} ms/step")
     if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.output_json, result)
     return result
 
 

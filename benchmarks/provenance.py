@@ -1,9 +1,10 @@
 """Where a benchmark result came from: the commit it measured (marked +dirty when the tree had
-uncommitted changes), the command and the date, written into every result JSON."""
+uncommitted changes), the command and the date, written into every result JSON; and writing it."""
 
 from __future__ import annotations
 
 import datetime
+import json
 import shlex
 import subprocess
 import sys
@@ -28,3 +29,10 @@ def provenance(script: str, argv: list[str] | None = None) -> dict:
         "commit": git_commit(),
         "command": shlex.join(["python", f"benchmarks/{script}", *(sys.argv[1:] if argv is None else argv)]),
     }
+
+
+def write_result(path: str | Path, result: dict) -> None:
+    """The result as indented JSON at `path`, its folder made if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")

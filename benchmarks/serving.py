@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 import httpx
-from provenance import provenance
+from provenance import provenance, write_result
 
 
 @dataclasses.dataclass
@@ -539,8 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = result_header(args, argv, "serving.py")
     result["servers"] = [run_server(args, args.name, args.launch, tokenizer, prompts_for)]
     if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.output_json, result)
     if args.plot:
         plot(result["servers"], args.plot, f"{args.name} on {result['device']}")
     return result

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from provenance import provenance
+from provenance import provenance, write_result
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -225,8 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"tpserve / transformers in {result['dtype']} (its best batch): {same / elapsed:.2f}x")
         print(f"tpserve / transformers at its best ({best_dtype}, batch {best_batch}): {best / elapsed:.2f}x")
     if args.output_json:
-        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output_json).write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.output_json, result)
     return result
 
 
