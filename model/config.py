@@ -14,6 +14,8 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 
+from tpserve.model.pipeline_split import pipeline_layer_ranges
+
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's "gelu_new": the tanh approximation of GELU."""
@@ -77,6 +79,11 @@ class TransformerConfig:
 
     # --- parallelism and precision ---
     tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    # An uneven first or last pipeline stage (Megatron-LM's --decoder-first/last-pipeline-num-layers);
+    # None splits the layers evenly (model/pipeline_split.py).
+    num_layers_in_first_pipeline_stage: int | None = None
+    num_layers_in_last_pipeline_stage: int | None = None
     params_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
@@ -97,7 +104,7 @@ class TransformerConfig:
 
     def _check(self) -> None:
         positive = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-                    "ffn_hidden_size", "kv_channels", "tensor_model_parallel_size")
+                    "ffn_hidden_size", "kv_channels", "tensor_model_parallel_size", "pipeline_model_parallel_size")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
@@ -119,6 +126,8 @@ class TransformerConfig:
                     f"{name}={getattr(self, name)} is not divisible by tensor_model_parallel_size={tp}; "
                     f"choose a tensor-parallel size that divides it"
                 )
+        pipeline_layer_ranges(self.num_layers, self.pipeline_model_parallel_size,
+                              self.num_layers_in_first_pipeline_stage, self.num_layers_in_last_pipeline_stage)
         if self.window_size is not None:
             left, right = self.window_size
             if right != 0 or not (left == -1 or left >= 0):
@@ -133,6 +142,12 @@ class TransformerConfig:
     @property
     def num_heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
+
+    def pipeline_layers(self, pipeline_rank: int) -> range:
+        """The global indices of the layers stage `pipeline_rank` holds."""
+        return pipeline_layer_ranges(self.num_layers, self.pipeline_model_parallel_size,
+                                     self.num_layers_in_first_pipeline_stage,
+                                     self.num_layers_in_last_pipeline_stage)[pipeline_rank]
 
     @property
     def num_query_groups_local(self) -> int:
