@@ -59,7 +59,7 @@ def test_layout_and_info(checkpoint, llama):
 
 def test_loaded_model_gives_hf_logits(checkpoint, llama):
     hf, _, _ = llama
-    model = load_model(checkpoint, progress=False)
+    model = load_model(checkpoint, dtype=torch.float32, progress=False)
     torch.testing.assert_close(logits_of(model, TOKENS), hf(torch.tensor(TOKENS)).logits, atol=1e-4, rtol=1e-4)
 
 

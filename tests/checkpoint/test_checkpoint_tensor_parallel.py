@@ -19,7 +19,7 @@ TOKENS = [[5, 9, 2, 77, 300, 41, 8, 3, 11, 12], [1, 200, 150, 12, 12, 12, 6, 0, 
 
 
 def _load_and_run(ctx: RankContext, path, tokens):
-    model = load_model(path, ctx.parallel_state, progress=False)
+    model = load_model(path, ctx.parallel_state, dtype=torch.float32, progress=False)
     local = sum(p.numel() for p in model.parameters())
     return logits_of(model, tokens), local
 

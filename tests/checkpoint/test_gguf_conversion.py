@@ -38,7 +38,7 @@ def test_logits_and_tokenizer_equal_transformers(llama_gguf, tmp_path):
     tokens = [[1, 50, 260, 7, 99, 200, 3, 258], [258, 257, 256, 0, 255, 100, 12, 13]]
     with torch.no_grad():
         expected = hf(torch.tensor(tokens)).logits
-    ours_logits = logits_of(load_model(path, progress=False), tokens)
+    ours_logits = logits_of(load_model(path, dtype=torch.float32, progress=False), tokens)
     # Random k-quant blocks make logits of ~300: compare relative to that scale.
     torch.testing.assert_close(ours_logits, expected, atol=1e-5 * expected.abs().max(), rtol=0)
 
@@ -59,7 +59,7 @@ def test_gpt2_gguf_equals_transformers(tmp_path):
     tokens = [[1, 50, 260, 7, 99, 200, 3, 258], [258, 257, 256, 0, 255, 100, 12, 13]]
     with torch.no_grad():
         expected = hf(torch.tensor(tokens)).logits
-    ours = logits_of(load_model(path, progress=False), tokens)
+    ours = logits_of(load_model(path, dtype=torch.float32, progress=False), tokens)
     torch.testing.assert_close(ours, expected, atol=1e-5 * expected.abs().max(), rtol=0)
 
 

@@ -38,7 +38,7 @@ def test_torch_dist_gives_megatron_core_logits(name, args_from, tmp_path):
     else:
         path = convert_megatron(fixture / "ckpt", tmp_path / "tp", megatron_args=fixture / "megatron_args.json")
     golden = np.load(fixture / "golden.npz")
-    model = load_model(path, progress=False)
+    model = load_model(path, dtype=torch.float32, progress=False)
     with torch.no_grad():
         logits = model(torch.from_numpy(golden["input_ids"]), torch.from_numpy(golden["position_ids"]))
     torch.testing.assert_close(logits, torch.from_numpy(golden["logits"]), atol=1e-4, rtol=1e-4)
@@ -105,7 +105,7 @@ def test_legacy_logits_equal_hf_gpt2_on_transformers_weights(tmp_path):
     tokens = [[3, 17, 200, 249, 5, 5, 80, 1], [0, 1, 2, 3, 4, 5, 6, 7]]
     with torch.no_grad():
         expected = hf(torch.tensor(tokens)).logits[..., :250]
-    torch.testing.assert_close(logits_of(load_model(path, progress=False), tokens), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits_of(load_model(path, dtype=torch.float32, progress=False), tokens), expected, atol=1e-4, rtol=1e-4)
 
 
 def test_legacy_needs_allow_pickle(tmp_path):

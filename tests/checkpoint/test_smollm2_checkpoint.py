@@ -83,7 +83,7 @@ def test_tokenizer_encodes_as_transformers_gguf_tokenizer(smollm2_checkpoint, gg
 def _greedy(ctx: RankContext, path, prompts, steps, batch: int = 8):
     """Greedy tokens and first logits of every prompt, `batch` prompts per packed batch (the
     stepper's InferenceParams holds at most 16 sequences)."""
-    model = load_model(path, ctx.parallel_state, progress=False)
+    model = load_model(path, ctx.parallel_state, dtype=torch.float32, progress=False)
     tokens, logits = [], []
     for i in range(0, len(prompts), batch):
         t, first = greedy_decode(model, prompts[i : i + batch], steps)
