@@ -89,7 +89,7 @@ def _measure(ctx: RankContext, path: Path, dtype: torch.dtype, cold: bool) -> di
     if cold and ctx.parallel_state.rank == 0:
         evict(path)
     if ctx.parallel_state.world_size > 1:
-        torch.distributed.barrier(group=ctx.parallel_state.group)
+        torch.distributed.barrier()
     baseline = rss_anon()
     read = safetensors_source.SafetensorsSource.read
     sampler = PeakSampler()

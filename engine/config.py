@@ -21,6 +21,10 @@ class EngineConfig:
     tensor_parallel_size: int = field(default=1, metadata={"help": (
         "worker processes, one per GPU (or CPU process group rank); each holds 1/N of every weight matrix. "
         "N must divide the attention heads and query groups")})
+    pipeline_parallel_size: int = field(default=1, metadata={"help": (
+        "pipeline stages, each a contiguous range of the layers on its own tensor-parallel group: "
+        "tensor_parallel_size x pipeline_parallel_size workers in all. It must divide the layers. One batch is "
+        "in the pipeline at a time, so stages take turns (README: what that costs)")})
     max_num_seqs: int = field(default=256, metadata={"help": (
         "most sequences generated at once (the decode batch); more requests wait in the queue")})
     max_num_batched_tokens: int = field(default=2048, metadata={"help": (
@@ -60,7 +64,7 @@ class EngineConfig:
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
         if self.dtype is None:
             self.dtype = default_dtype(self.device)
-        for name in ("tensor_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_model_len is not None and self.max_model_len < 2:

@@ -37,6 +37,8 @@ class Executor:
     def __init__(self, config: WorkerConfig, start_timeout: float = 600.0, step_timeout: float = 600.0) -> None:
         self.step_timeout = step_timeout
         self.error: str | None = None
+        # The rank that samples and answers each step (the last pipeline stage's first TP rank).
+        self.driver_rank = config.driver_rank
         ctx = mp.get_context("spawn")
         config.init_method = f"tcp://127.0.0.1:{_free_port()}"
         self._conns, self._procs = [], []
@@ -82,8 +84,8 @@ class Executor:
             ready = self._wait(deadline)
             for rank, conn in enumerate(self._conns):
                 if conn in ready:
-                    result = self._receive(rank)  # only rank 0 answers a step; others only fail
-                    if rank == 0:
+                    result = self._receive(rank)  # only the driver answers a step; others only fail
+                    if rank == self.driver_rank:
                         return result
 
     def _wait(self, deadline: float) -> list:

@@ -1,6 +1,6 @@
 """`LLM`: offline generation, as vLLM users know it.
 
-    llm = LLM("checkpoints/my-model", tensor_parallel_size=2)
+    llm = LLM("checkpoints/my-model", tensor_parallel_size=2, pipeline_parallel_size=2)
     outputs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
     print(outputs[0].outputs[0].text)
 """

@@ -1,6 +1,6 @@
 """`LLMEngine`: requests in, steps out. Synchronous; `AsyncLLMEngine` runs it on a thread.
 
-One step: the scheduler schedules and builds the plan -> every rank runs it, rank 0 samples ->
+One step: the scheduler schedules and builds the plan -> every rank runs it, the driver samples ->
 the scheduler takes the result back (appends the tokens, forks n > 1 samples) -> the engine
 detokenizes, checks stops, finishes what stopped, and returns each moved request's delta.
 """
@@ -23,7 +23,7 @@ from tpserve.engine.protocol import StepResult, WorkerConfig
 from tpserve.engine.request import Request
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.engine.scheduler import Scheduler, SchedulerOutput
-from tpserve.model.checkpoint.format import at_tensor_parallel_size, read_checkpoint_info
+from tpserve.model.checkpoint.format import at_parallel_sizes, read_checkpoint_info
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class LLMEngine:
         if not info.has_tokenizer:
             raise ValueError(f"{config.checkpoint} has no tokenizer files; the engine needs one to serve text")
         # Here rather than in the workers, whose errors come back as a rank's traceback.
-        at_tensor_parallel_size(info.config, config.tensor_parallel_size, config.checkpoint)
+        at_parallel_sizes(info.config, config.tensor_parallel_size, config.pipeline_parallel_size, config.checkpoint)
         self.tokenizer = AutoTokenizer.from_pretrained(str(config.checkpoint))
         self.vocab_size = info.config.vocab_size
         self.chat_template = info.tokenizer.chat_template
@@ -70,7 +70,8 @@ class LLMEngine:
         self.executor = Executor(
             WorkerConfig(
                 checkpoint=config.checkpoint,
-                world_size=config.tensor_parallel_size,
+                tensor_parallel_size=config.tensor_parallel_size,
+                pipeline_parallel_size=config.pipeline_parallel_size,
                 init_method="",  # the executor picks a free port
                 device=config.device,
                 dtype=config.dtype,

@@ -1,4 +1,5 @@
-"""`ModelRunner`: one rank's side of a step: apply the plan, run the model, sample on rank 0.
+"""`ModelRunner`: one rank's side of a step: apply the plan, run its pipeline stage, and on the
+driver (the last stage's first tensor-parallel rank) sample.
 
 Every rank keeps the state of the sequences it has been told about (tokens, block table,
 sampling settings) and updates it from each plan's deltas, so a decode step ships only the
@@ -19,6 +20,8 @@ from tpserve.model.gpt_model import GPTModel
 from tpserve.model.inference_params import InferenceParams
 from tpserve.model.kv_cache import KVCache
 from tpserve.model.packed_seq_params import PackedSeqParams
+from tpserve.model.parallel_state import ParallelState
+from tpserve.model.pipeline_parallel import forward_step
 
 
 @dataclass
@@ -49,14 +52,15 @@ class ModelRunner:
         max_num_batched_tokens: int,
         max_blocks_per_seq: int,
         eos_token_ids: list[int],
-        is_driver: bool,
+        parallel_state: ParallelState,
         device: torch.device,
         cuda_graph_batch_sizes: list[int] = (),
     ) -> None:
         """`cuda_graph_batch_sizes`: decode batch sizes to capture as CUDA graphs (empty: eager)."""
         self.model = model
         self.kv_cache = kv_cache
-        self.is_driver = is_driver
+        self.parallel_state = parallel_state
+        self.is_driver = parallel_state.is_pipeline_last_stage and parallel_state.tensor_model_parallel_rank == 0
         self.device = device
         self.eos_token_ids = eos_token_ids
         self.vocab_size = model.unpadded_vocab_size
@@ -121,12 +125,14 @@ class ModelRunner:
         if self.graphs is not None and self.graphs.can_run(len(query_lens), max(query_lens)):
             logits = self.graphs.run(ids, positions)
         else:
-            logits = self.model(
+            logits = forward_step(
+                self.model,
                 torch.tensor(ids, device=self.device),
                 positions,
+                self.parallel_state,
                 inference_params=self.inference_params,
                 packed_seq_params=PackedSeqParams.from_lengths(query_lens, self.device),
-            )  # [len(logits_indices), V], on every rank (gathered)
+            )  # [len(logits_indices), V] on every rank of the last stage (gathered), else None
         if not self.is_driver:
             return None
         result = StepResult()

@@ -39,7 +39,8 @@ class WorkerCommand(enum.Enum):
 @dataclass
 class WorkerConfig:
     checkpoint: Path
-    world_size: int
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
     init_method: str
     device: str
     dtype: torch.dtype
@@ -53,6 +54,16 @@ class WorkerConfig:
     random_weights: bool = False  # EngineConfig.load_format == "dummy"
     enforce_eager: bool = False  # EngineConfig.enforce_eager: capture no CUDA graph
     cpu_kernels: str = "auto"  # EngineConfig.cpu_kernels
+
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
+
+    @property
+    def driver_rank(self) -> int:
+        """The rank that samples and answers each step: the last stage's first tensor-parallel rank."""
+        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
 
 @dataclass

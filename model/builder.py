@@ -58,6 +58,11 @@ class GPTModelConfig:
         transformer = dataclasses.replace(self.transformer, tensor_model_parallel_size=tp)
         return dataclasses.replace(self, transformer=transformer)
 
+    def with_pipeline_parallel_size(self, pp: int) -> "GPTModelConfig":
+        """The same model, its layers split over `pp` stages (validated: they must split)."""
+        transformer = dataclasses.replace(self.transformer, pipeline_model_parallel_size=pp)
+        return dataclasses.replace(self, transformer=transformer)
+
     def to_dict(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "transformer"}
         out["transformer"] = self.transformer.to_dict()
@@ -80,10 +85,10 @@ class GPTModelBuilder:
         parallel_state: ParallelState = ParallelState(),
         device: torch.device | str = "cpu",
         attention_backend: AttentionBackend | None = None,
-        pre_process: bool = True,
-        post_process: bool = True,
     ) -> GPTModel:
-        """This rank's model, parameters uninitialised (a checkpoint fills them)."""
+        """This rank's model, parameters uninitialised (a checkpoint fills them): its
+        tensor-parallel shard of its pipeline stage's layers, with the embedding on the first
+        stage and the final norm and output layer on the last."""
         # Imported here: reading a checkpoint's config (the engine's host side does) must not
         # load the model's layers and kernels.
         from tpserve.model.core_attention import AttentionBackend
@@ -92,17 +97,18 @@ class GPTModelBuilder:
 
         cfg = self.model_config
         transformer = cfg.transformer
-        if transformer.tensor_model_parallel_size != parallel_state.world_size:
-            transformer = dataclasses.replace(transformer, tensor_model_parallel_size=parallel_state.world_size)
+        ps = parallel_state
+        transformer = dataclasses.replace(transformer, tensor_model_parallel_size=ps.tensor_model_parallel_size,
+                                          pipeline_model_parallel_size=ps.pipeline_model_parallel_size)
         backend = attention_backend or AttentionBackend.default_for(device)
         with torch.device(device):
             model = GPTModel(
                 transformer,
                 default_layer_spec(transformer, backend),
-                vocab_size=cfg.padded_vocab_size(parallel_state.world_size),
+                vocab_size=cfg.padded_vocab_size(ps.tensor_model_parallel_size),
                 max_sequence_length=cfg.seq_length,
-                pre_process=pre_process,
-                post_process=post_process,
+                pre_process=ps.is_pipeline_first_stage,
+                post_process=ps.is_pipeline_last_stage,
                 parallel_output=cfg.parallel_output,
                 share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
                 position_embedding_type=cfg.position_embedding_type,

@@ -48,15 +48,15 @@ class GPTModel(nn.Module):
         """`vocab_size` is the padded size the tensors have (Megatron's meaning);
         `unpadded_vocab_size` the real vocabulary, past which logits are dropped when gathered."""
         super().__init__()
-        if config.tensor_model_parallel_size != parallel_state.world_size:
-            raise ValueError(
-                f"config.tensor_model_parallel_size={config.tensor_model_parallel_size} but the "
-                f"process group has {parallel_state.world_size} ranks"
-            )
+        for kind in ("tensor", "pipeline"):
+            configured = getattr(config, f"{kind}_model_parallel_size")
+            actual = getattr(parallel_state, f"{kind}_model_parallel_size")
+            if configured != actual:
+                raise ValueError(
+                    f"config.{kind}_model_parallel_size={configured} but the parallel state has {actual}"
+                )
         if position_embedding_type not in ("learned_absolute", "rope"):
             raise ValueError(f"position_embedding_type={position_embedding_type!r} must be 'learned_absolute' or 'rope'")
-        if share_embeddings_and_output_weights and not (pre_process and post_process):
-            raise ValueError("share_embeddings_and_output_weights needs pre_process and post_process on one rank")
         self.config = config
         self.vocab_size = vocab_size
         self.unpadded_vocab_size = unpadded_vocab_size or vocab_size
@@ -86,13 +86,42 @@ class GPTModel(nn.Module):
                 bias=False,
                 gather_output=not parallel_output,
                 valid_output_size=self.unpadded_vocab_size,
-                skip_weight_param_allocation=share_embeddings_and_output_weights,
+                # Tied on one stage, the output layer reads the embedding's weight. On a last stage
+                # without the embedding it holds its own copy, loaded from the embedding's tensor
+                # (Megatron's last stage keeps one too).
+                skip_weight_param_allocation=share_embeddings_and_output_weights and pre_process,
             )
+
+    @property
+    def num_local_layers(self) -> int:
+        return len(self.decoder.layers)
 
     def bind_kv_cache(self, kv_cache: KVCache) -> None:
         """Hand each layer its view of the paged cache (allocated once, by the caller)."""
         for i, layer in enumerate(self.decoder.layers):
             layer.self_attention.core_attention.bind_kv_cache(*kv_cache.layer(i))
+
+    def checkpoint_key(self, name: str) -> str:
+        """The checkpoint's (the whole model's) name of this stage's parameter `name`."""
+        if name.startswith("decoder.layers."):
+            index, rest = name.removeprefix("decoder.layers.").split(".", 1)
+            return f"decoder.layers.{int(index) + self.decoder.layer_offset}.{rest}"
+        if name == "output_layer.weight" and self.share_embeddings_and_output_weights:
+            return "embedding.word_embeddings.weight"  # a last stage's copy of the tied weight
+        return name
+
+    def held_by_another_stage(self, key: str) -> bool:
+        """Whether checkpoint tensor `key` is another pipeline stage's to load."""
+        if key.startswith("decoder.layers."):
+            index = key.removeprefix("decoder.layers.").split(".", 1)[0]
+            if index.isdigit():
+                first = self.decoder.layer_offset
+                return not first <= int(index) < first + self.num_local_layers and int(index) < self.config.num_layers
+        if key.startswith("embedding."):
+            return not self.pre_process
+        if key.startswith(("decoder.final_layernorm.", "output_layer.")):
+            return not self.post_process
+        return False
 
     def linear_layers(self) -> list[ColumnParallelLinear | RowParallelLinear]:
         return [m for m in self.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
@@ -152,7 +181,7 @@ class GPTModel(nn.Module):
             return hidden_states
         if inference_params is not None and inference_params.logits_indices is not None:
             hidden_states = hidden_states[inference_params.logits_indices]  # [t', h]
-        weight = self.embedding.word_embeddings.weight if self.share_embeddings_and_output_weights else None
+        weight = self.embedding.word_embeddings.weight if self.output_layer.weight is None else None
         logits = self.output_layer(hidden_states, weight)  # [t', V/p] or gathered [t', V_padded]
         if not self.parallel_output or self.config.tensor_model_parallel_size == 1:
             logits = logits[..., : self.unpadded_vocab_size]  # padded rows are never sampled

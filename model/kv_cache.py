@@ -42,23 +42,27 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        num_layers: int | None = None,
     ) -> None:
+        """`num_layers`: the layers this rank holds (a pipeline stage's); default all of them."""
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks={num_blocks} and block_size={block_size} must be positive")
         self.num_blocks = num_blocks
         self.block_size = block_size
         g, d = config.num_query_groups_local, config.kv_channels
         # [layers, 2 (k, v), num_blocks, block_size, g, d]: one allocation for the whole model.
-        shape = (config.num_layers, 2, num_blocks, block_size, g, d)
+        shape = (num_layers or config.num_layers, 2, num_blocks, block_size, g, d)
         if torch.device(device).type == "cpu":
             self.buffer = _zeros_in_huge_pages(shape, dtype)
         else:
             self.buffer = torch.zeros(shape, dtype=dtype, device=device)
 
     @staticmethod
-    def bytes_per_block(config: TransformerConfig, block_size: int, dtype: torch.dtype) -> int:
-        """Memory one block takes on one rank, over all layers, keys and values."""
-        per_token = 2 * config.num_layers * config.num_query_groups_local * config.kv_channels
+    def bytes_per_block(
+        config: TransformerConfig, block_size: int, dtype: torch.dtype, num_layers: int | None = None
+    ) -> int:
+        """Memory one block takes on one rank, over its layers (all by default), keys and values."""
+        per_token = 2 * (num_layers or config.num_layers) * config.num_query_groups_local * config.kv_channels
         return per_token * block_size * dtype.itemsize
 
     def layer(self, layer_number: int) -> tuple[torch.Tensor, torch.Tensor]:

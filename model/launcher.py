@@ -1,4 +1,4 @@
-"""A group of processes, one per tensor-parallel rank, that run the functions they are sent.
+"""A group of processes, one per rank of TP × PP, that run the functions they are sent.
 
 Used by tests and benchmarks to run the same forward on every shard: each rank joins a gloo
 (CPU) or nccl (GPU) group at start-up and then waits for work. A function runs on every rank
@@ -36,9 +36,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, init_method: str, threads: int, conn) -> None:
+def _rank_main(rank: int, tp: int, pp: int, init_method: str, threads: int, conn) -> None:
     torch.set_num_threads(threads)
-    ctx = RankContext(initialize_model_parallel(rank, world_size, init_method, backend="gloo"))
+    ctx = RankContext(initialize_model_parallel(rank, tp, pp, init_method, backend="gloo"))
     conn.send(("ready", None))
     while True:
         message = conn.recv()
@@ -58,8 +58,10 @@ class WorkerGroupError(RuntimeError):
 
 
 class WorkerGroup:
-    def __init__(self, world_size: int, threads_per_rank: int | None = None, start_timeout: float = 120.0) -> None:
-        self.world_size = world_size
+    def __init__(self, tensor_model_parallel_size: int, pipeline_model_parallel_size: int = 1,
+                 threads_per_rank: int | None = None, start_timeout: float = 120.0) -> None:
+        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        self.world_size = world_size = tp * pp
         # The machine's cores are shared by the ranks: 2 // tp threads each on a 2-core box.
         threads = threads_per_rank or max(1, (torch.get_num_threads() or 1) // world_size)
         ctx = mp.get_context("spawn")
@@ -68,7 +70,7 @@ class WorkerGroup:
         for rank in range(world_size):
             parent, child = ctx.Pipe()
             proc = ctx.Process(
-                target=_rank_main, args=(rank, world_size, init_method, threads, child), daemon=True,
+                target=_rank_main, args=(rank, tp, pp, init_method, threads, child), daemon=True,
                 name=f"tpserve-rank{rank}",
             )
             proc.start()

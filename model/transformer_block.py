@@ -1,4 +1,9 @@
-"""`TransformerBlock`: the stack of layers and the final norm (`decoder.*` in state dicts)."""
+"""`TransformerBlock`: the stack of layers and the final norm (`decoder.*` in state dicts).
+
+With pipeline parallelism a stage builds only its own contiguous range of layers
+(`TransformerConfig.pipeline_layers`), numbered from 0 in `layers` as in Megatron-Core, each
+keeping its global 1-based `layer_number`; `layer_offset` maps local indices to checkpoint names.
+"""
 
 from __future__ import annotations
 
@@ -23,9 +28,10 @@ class TransformerBlock(nn.Module):
         post_layer_norm: bool = True,
     ) -> None:
         super().__init__()
+        layers = config.pipeline_layers(parallel_state.pipeline_model_parallel_rank)
+        self.layer_offset = layers.start
         self.layers = nn.ModuleList(
-            build_module(spec, config, layer_number=i + 1, parallel_state=parallel_state)
-            for i in range(config.num_layers)
+            build_module(spec, config, layer_number=i + 1, parallel_state=parallel_state) for i in layers
         )
         self.final_layernorm = Norm(config, config.hidden_size) if post_layer_norm else None
 

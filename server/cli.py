@@ -154,6 +154,7 @@ def _positive_float(text: str) -> float:
 # field itself (its name, default and help come from EngineConfig; its checks run there too).
 ENGINE_FLAGS = {
     "tensor_parallel_size": dict(type=int, metavar="N"),
+    "pipeline_parallel_size": dict(type=int, metavar="P"),
     "max_model_len": dict(type=int, metavar="TOKENS"),
     "max_num_seqs": dict(type=int, metavar="N"),
     "max_num_batched_tokens": dict(type=int, metavar="TOKENS"),

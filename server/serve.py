@@ -84,8 +84,8 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, sock: socket
     """Serve on `sock` (from `bind_socket`) until a stop signal; closes it."""
     host, port = sock.getsockname()[:2]
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logger.info("starting the engine: %s, tensor parallel size %d", engine_config.checkpoint,
-                engine_config.tensor_parallel_size)
+    logger.info("starting the engine: %s, tensor parallel size %d, pipeline parallel size %d",
+                engine_config.checkpoint, engine_config.tensor_parallel_size, engine_config.pipeline_parallel_size)
     engine = EngineClient(engine_config)
     try:
         app = build_app(engine, server_config)

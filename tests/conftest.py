@@ -1,4 +1,4 @@
-"""Session-wide fixtures: CPU threads, and one worker group per tensor-parallel size."""
+"""Session-wide fixtures: CPU threads, and one worker group per (TP, PP) size."""
 
 from __future__ import annotations
 
@@ -19,12 +19,13 @@ class WorkerGroups:
     def __init__(self) -> None:
         self._groups = {}
 
-    def get(self, tp: int):
+    def get(self, tp: int, pp: int = 1):
         from tpserve.model.launcher import WorkerGroup
 
-        group = self._groups.get(tp)
+        group = self._groups.get((tp, pp))
         if group is None or not group.alive:
-            group = self._groups[tp] = WorkerGroup(tp, threads_per_rank=max(1, 2 // tp))
+            # Stages take turns (one batch in flight), so only the TP ranks of one stage share the cores.
+            group = self._groups[tp, pp] = WorkerGroup(tp, pp, threads_per_rank=max(1, 2 // tp))
         return group
 
     def close(self) -> None:

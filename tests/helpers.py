@@ -21,6 +21,7 @@ from tpserve.model.inference_params import InferenceParams
 from tpserve.model.kv_cache import KVCache
 from tpserve.model.packed_seq_params import PackedSeqParams
 from tpserve.model.parallel_state import ParallelState
+from tpserve.model.pipeline_parallel import forward_step
 
 # The `tpserve` console script beside this Python, as users run it: `python -m tpserve...` would put
 # the working directory (the repository root) on sys.path, where our kernels/ folder shadows
@@ -110,7 +111,7 @@ def build(
     device: str = "cpu",
     attention_backend: AttentionBackend | None = None,
 ) -> GPTModel:
-    model = GPTModelBuilder(config.with_tensor_parallel_size(ps.world_size)).build_model(ps, device, attention_backend)
+    model = GPTModelBuilder(config.with_tensor_parallel_size(ps.tensor_model_parallel_size)).build_model(ps, device, attention_backend)
     load_weights(model, DictSource(state), ps)
     return model
 
@@ -125,15 +126,19 @@ class PagedStepper:
     """Runs steps of packed sequences through the paged KV cache, as an engine would.
 
     Blocks are handed out in a shuffled order, so a sequence's blocks are scattered through
-    the cache and a wrong block-table lookup shows.
+    the cache and a wrong block-table lookup shows. Under pipeline parallelism every stage's
+    ranks step together (`parallel_state`); only the last stage gets logits, the others None.
     """
 
     def __init__(
-        self, model: GPTModel, num_blocks: int = 96, block_size: int = 4, seed: int = 0, max_num_tokens: int = 512
+        self, model: GPTModel, num_blocks: int = 96, block_size: int = 4, seed: int = 0, max_num_tokens: int = 512,
+        parallel_state: ParallelState = ParallelState(),
     ) -> None:
         self.model = model
+        self.parallel_state = parallel_state
         self.block_size = block_size
-        cache = KVCache(model.config, num_blocks, block_size, dtype=model.config.params_dtype)
+        cache = KVCache(model.config, num_blocks, block_size, dtype=model.config.params_dtype,
+                        num_layers=model.num_local_layers)
         model.bind_kv_cache(cache)
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.tables: dict[object, list[int]] = {}
@@ -143,7 +148,7 @@ class PagedStepper:
         )
 
     @torch.no_grad()
-    def step(self, batch: list[tuple[object, list[int]]]) -> list[torch.Tensor]:
+    def step(self, batch: list[tuple[object, list[int]]]) -> list[torch.Tensor] | None:
         """Feed each (sequence key, new token ids); the logits [new tokens, V] of each."""
         query_lens, context_lens, tables, ids = [], [], [], []
         for key, tokens in batch:
@@ -157,11 +162,11 @@ class PagedStepper:
             tables.append(table)
             ids.extend(tokens)
         positions = self.params.prepare(query_lens, context_lens, tables)
-        logits = self.model(
-            torch.tensor(ids), positions, inference_params=self.params,
+        logits = forward_step(
+            self.model, torch.tensor(ids), positions, self.parallel_state, inference_params=self.params,
             packed_seq_params=PackedSeqParams.from_lengths(query_lens),
         )
-        return list(logits.split(query_lens))
+        return None if logits is None else list(logits.split(query_lens))
 
 
 def greedy_decode(model: GPTModel, prompts: list[list[int]], steps: int) -> tuple[list[list[int]], torch.Tensor]:
@@ -267,7 +272,7 @@ def model_runner(model: GPTModel, device: str = "cpu", cuda_graph_batch_sizes: l
     cache = KVCache(model.config, num_blocks, block_size, dtype=model.config.params_dtype, device=device)
     model.bind_kv_cache(cache)
     return ModelRunner(model, cache, max_num_seqs=8, max_num_batched_tokens=1024, max_blocks_per_seq=num_blocks,
-                       eos_token_ids=[], is_driver=True, device=torch.device(device),
+                       eos_token_ids=[], parallel_state=ParallelState(), device=torch.device(device),
                        cuda_graph_batch_sizes=list(cuda_graph_batch_sizes))
 
 

@@ -178,12 +178,25 @@ def valid_tp_sizes(config: GPTModelConfig, limit: int = 64) -> list[int]:
     ]
 
 
-def at_tensor_parallel_size(config: GPTModelConfig, tp: int, where: Path | str = "checkpoint") -> GPTModelConfig:
-    """`config` split over `tp` ranks; a TP that does not divide the heads fails with the sizes that would."""
+def valid_pp_sizes(config: GPTModelConfig) -> list[int]:
+    layers = config.transformer.num_layers
+    return [pp for pp in range(1, layers + 1) if layers % pp == 0]
+
+
+def at_parallel_sizes(config: GPTModelConfig, tp: int, pp: int = 1, where: Path | str = "checkpoint") -> GPTModelConfig:
+    """`config` split over `tp` tensor-parallel ranks and `pp` pipeline stages; sizes that do not
+    divide the heads, query groups or layers fail naming the numbers and the sizes that would."""
     try:
-        return config.with_tensor_parallel_size(tp)
+        config = config.with_tensor_parallel_size(tp)
     except ValueError as e:
         raise CheckpointError(
             f"{where}: cannot load at tensor_model_parallel_size={tp}: {e} "
             f"(sizes that work for this model: {valid_tp_sizes(config)})"
+        ) from None
+    try:
+        return config.with_pipeline_parallel_size(pp)
+    except ValueError as e:
+        raise CheckpointError(
+            f"{where}: cannot load at pipeline_model_parallel_size={pp}: {e} "
+            f"(sizes that split its {config.transformer.num_layers} layers evenly: {valid_pp_sizes(config)})"
         ) from None

@@ -36,13 +36,15 @@ def _shape_fits(stored: tuple[int, ...], expected: tuple[int, ...], sharding: Te
 
 
 def param_shardings(model: nn.Module) -> dict[str, tuple[nn.Parameter, TensorSharding]]:
-    """Every parameter of the model by state-dict name, with how it is cut from the full tensor."""
+    """Every parameter of the model by its checkpoint name (the whole model's: a pipeline
+    stage's layers have their global numbers), with how it is cut from the full tensor."""
+    checkpoint_key = getattr(model, "checkpoint_key", lambda name: name)
     out = {}
     for module_name, module in model.named_modules():
         sharding_of = getattr(module, "sharding", None)  # the tensor-parallel layers define it
         for name, param in module.named_parameters(recurse=False):
             key = f"{module_name}.{name}" if module_name else name
-            out[key] = (param, sharding_of(name) if sharding_of else REPLICATED)
+            out[checkpoint_key(key)] = (param, sharding_of(name) if sharding_of else REPLICATED)
     return out
 
 
@@ -54,13 +56,14 @@ def check_weights(model: nn.Module, source: TensorSource, parallel_state: Parall
     missing = sorted(set(params) - stored)
     if missing:
         problems.append(f"missing tensors: {missing}")
-    unexpected = sorted(stored - set(params))
+    elsewhere = getattr(model, "held_by_another_stage", lambda key: False)
+    unexpected = sorted(k for k in stored - set(params) if not elsewhere(k))
     if unexpected:
         problems.append(f"tensors the model has no parameter for: {unexpected}")
     for key, (param, sharding) in params.items():
         if key not in stored:
             continue
-        expected = _expected_full_shape(tuple(param.shape), sharding, parallel_state.world_size)
+        expected = _expected_full_shape(tuple(param.shape), sharding, parallel_state.tensor_model_parallel_size)
         if not _shape_fits(source.shape(key), expected, sharding):
             problems.append(f"{key}: stored shape {list(source.shape(key))}, the model needs {list(expected)}")
     if problems:
@@ -88,7 +91,7 @@ def load_parameter(
         return
     dim = sharding.dim
     offset = 0
-    for piece in sharding.pieces(param.shape[dim], ps.rank, ps.world_size):
+    for piece in sharding.pieces(param.shape[dim], ps.tensor_model_parallel_rank, ps.tensor_model_parallel_size):
         rows = piece.stop - piece.start
         if rows > 0:
             param.narrow(dim, offset, rows).copy_(source.read(key, dim, piece.start, piece.stop))

@@ -10,7 +10,7 @@ import torch
 from tqdm import tqdm
 
 from tpserve.model.builder import GPTModelBuilder, GPTModelConfig
-from tpserve.model.checkpoint.format import CheckpointError, at_tensor_parallel_size, read_checkpoint_info
+from tpserve.model.checkpoint.format import CheckpointError, at_parallel_sizes, read_checkpoint_info
 from tpserve.model.checkpoint.load import check_weights, load_parameter, param_shardings
 from tpserve.model.checkpoint.safetensors_source import SafetensorsSource
 from tpserve.model.core_attention import AttentionBackend
@@ -22,12 +22,13 @@ if TYPE_CHECKING:
 
 
 def serving_config(
-    config: GPTModelConfig, tp: int, dtype: torch.dtype, parallel_output: bool, where: Path | str = "checkpoint"
+    config: GPTModelConfig, ps: ParallelState, dtype: torch.dtype, parallel_output: bool,
+    where: Path | str = "checkpoint",
 ) -> GPTModelConfig:
-    """The stored config set up for serving at `tp` ranks in `dtype`."""
+    """The stored config set up for serving at `ps`'s parallel sizes in `dtype`."""
     transformer = dataclasses.replace(config.transformer, params_dtype=dtype)
     config = dataclasses.replace(config, transformer=transformer, parallel_output=parallel_output)
-    return at_tensor_parallel_size(config, tp, where)
+    return at_parallel_sizes(config, ps.tensor_model_parallel_size, ps.pipeline_model_parallel_size, where)
 
 
 def load_model(
@@ -49,7 +50,7 @@ def load_model(
     """
     info = read_checkpoint_info(path, require_weights=not random_weights)
     dtype = dtype or default_dtype(device)
-    config = serving_config(info.config, parallel_state.world_size, dtype, parallel_output, info.path)
+    config = serving_config(info.config, parallel_state, dtype, parallel_output, info.path)
     model = GPTModelBuilder(config).build_model(parallel_state, device, attention_backend)
     if random_weights:
         return fill_random_weights(model, seed=parallel_state.rank)

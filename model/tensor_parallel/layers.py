@@ -66,7 +66,7 @@ class ColumnParallelLinear(nn.Module):
         self.chunks = chunks
         self.valid_output_size = valid_output_size
         _divide(output_size, chunks, "output_size per chunk")
-        self.output_size_per_partition = _divide(output_size, parallel_state.world_size, "output_size")
+        self.output_size_per_partition = _divide(output_size, parallel_state.tensor_model_parallel_size, "output_size")
         self.input_size = input_size
         self.cpu_kernels: LinearKernels | None = None
         if skip_weight_param_allocation:
@@ -115,7 +115,7 @@ class RowParallelLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.parallel_state = parallel_state
-        self.input_size_per_partition = _divide(input_size, parallel_state.world_size, "input_size")
+        self.input_size_per_partition = _divide(input_size, parallel_state.tensor_model_parallel_size, "input_size")
         self.output_size = output_size
         self.cpu_kernels: LinearKernels | None = None
         self.weight = nn.Parameter(
@@ -160,8 +160,8 @@ class VocabParallelEmbedding(nn.Module):
         self.parallel_state = parallel_state
         self.num_embeddings = num_embeddings
         self.valid_rows = valid_rows
-        per_rank = _divide(num_embeddings, parallel_state.world_size, "padded vocab_size")
-        self.vocab_start_index = parallel_state.rank * per_rank
+        per_rank = _divide(num_embeddings, parallel_state.tensor_model_parallel_size, "padded vocab_size")
+        self.vocab_start_index = parallel_state.tensor_model_parallel_rank * per_rank
         self.vocab_end_index = self.vocab_start_index + per_rank
         self.weight = nn.Parameter(torch.empty(per_rank, embedding_dim, dtype=params_dtype), requires_grad=False)
 
@@ -169,7 +169,7 @@ class VocabParallelEmbedding(nn.Module):
         return TensorSharding(dim=0, valid=self.valid_rows)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.parallel_state.world_size == 1:
+        if self.parallel_state.tensor_model_parallel_size == 1:
             return F.embedding(input_ids, self.weight)
         outside = (input_ids < self.vocab_start_index) | (input_ids >= self.vocab_end_index)
         local_ids = (input_ids - self.vocab_start_index).masked_fill(outside, 0)

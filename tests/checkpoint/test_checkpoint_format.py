@@ -172,14 +172,26 @@ def test_not_a_checkpoint(tmp_path):
         read_checkpoint_info(tmp_path)
 
 
+def _unjoined_state(tp: int, pp: int) -> ParallelState:
+    """A ParallelState for a layout no process group was made for: the sizes are checked first."""
+    fake = ParallelState.__new__(ParallelState)
+    for field, value in [("tensor_model_parallel_rank", 0), ("tensor_model_parallel_size", tp),
+                         ("tensor_model_parallel_group", None), ("pipeline_model_parallel_rank", 0),
+                         ("pipeline_model_parallel_size", pp)]:
+        object.__setattr__(fake, field, value)
+    return fake
+
+
 def test_tensor_parallel_size_that_does_not_divide_the_heads(checkpoint):
     # llama_gqa: 8 heads, 4 query groups; TP 3 divides neither. Checked before any process group use.
-    fake = ParallelState.__new__(ParallelState)
-    object.__setattr__(fake, "rank", 0)
-    object.__setattr__(fake, "world_size", 3)
-    object.__setattr__(fake, "group", None)
     with pytest.raises(CheckpointError, match=r"cannot load at tensor_model_parallel_size=3: .*not divisible.*sizes that work for this model: \[1, 2, 4\]"):
-        load_model(checkpoint, fake, progress=False)
+        load_model(checkpoint, _unjoined_state(3, 1), progress=False)
+
+
+def test_pipeline_parallel_size_that_does_not_divide_the_layers(checkpoint):
+    with pytest.raises(CheckpointError, match=r"cannot load at pipeline_model_parallel_size=3: num_layers=2 does not split "
+                                              r"evenly into 3 pipeline stages.*sizes that split its 2 layers evenly: \[1, 2\]"):
+        load_model(checkpoint, _unjoined_state(1, 3), progress=False)
 
 
 def test_stored_shape_that_does_not_fit_the_config_is_named_at_load(checkpoint):

@@ -43,7 +43,7 @@ def test_an_unknown_kernel_name_is_refused():
 
 
 def _worker_config(**fields) -> WorkerConfig:
-    return WorkerConfig(checkpoint="unused", world_size=1, init_method="", device="cpu", dtype=torch.float32,
+    return WorkerConfig(checkpoint="unused", tensor_parallel_size=1, pipeline_parallel_size=1, init_method="", device="cpu", dtype=torch.float32,
                         block_size=16, max_num_seqs=4, max_num_batched_tokens=16, max_model_len=64,
                         kv_cache_memory=None, gpu_memory_utilization=0.9, eos_token_ids=[], **fields)
 

@@ -50,7 +50,7 @@ def test_same_logits_at_every_tp_size(case, tp, worker_groups):
 
 def _gpt2_vocab_50257(ctx: RankContext, config, state, ids) -> torch.Tensor:
     model = build(config, state, ctx.parallel_state)
-    assert model.embedding.word_embeddings.weight.shape[0] * ctx.parallel_state.world_size == config.padded_vocab_size(
+    assert model.embedding.word_embeddings.weight.shape[0] * ctx.parallel_state.tensor_model_parallel_size == config.padded_vocab_size(
         ctx.parallel_state.world_size
     )
     with torch.no_grad():

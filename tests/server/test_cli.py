@@ -64,6 +64,8 @@ def test_a_port_out_of_range_is_a_usage_error(capsys):
         # Checked before any worker starts: a worker's error would come back as its traceback.
         (["--tensor-parallel-size", "3"], "cannot load at tensor_model_parallel_size=3: num_attention_heads=8 is not "
                                           "divisible by tensor_model_parallel_size=3"),
+        (["--pipeline-parallel-size", "3"], "cannot load at pipeline_model_parallel_size=3: num_layers=2 does not "
+                                            "split evenly into 3 pipeline stages"),
         (["--kv-cache-memory", "1KB"], "the KV cache holds 0 tokens"),
     ],
 )
