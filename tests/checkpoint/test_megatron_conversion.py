@@ -1,8 +1,10 @@
 """Megatron checkpoints -> tpserve: Megatron-Core torch_dist, and legacy Megatron-LM mp_rank_XX.
 
-torch_dist: checkpoints written by megatron-core 0.19.2 itself at TP 1 and 2
+torch_dist: checkpoints written by megatron-core 0.19.2 itself at TP 1 and 2, and at PP 2 (with TP 1
+and an uneven 1 + 2 layer split, and with TP 2 and tied embeddings)
 (tests/fixtures/make_megatron_goldens.py); the converted checkpoint must give the logits
-megatron-core computed, with the args read from the checkpoint (pickle, allowed) or from JSON.
+megatron-core computed through its pipeline, with the args read from the checkpoint (pickle,
+allowed) or from JSON.
 
 Legacy: checkpoints in the GPT2-345M layout (tests/fixtures/make_legacy_megatron_fixture.py) at TP 2,
 and at TP 2 x PP 3 with an uneven first and last stage, must convert to the same tensors as Hugging
@@ -32,7 +34,9 @@ LEGACY = FIXTURES / "megatron_legacy" / "gpt2_tp2"
 LEGACY_FIXTURES = {"gpt2_tp2": 2, "gpt2_tp2_pp3": 4}
 
 
-@pytest.mark.parametrize("name", ["llama_like_tp1", "llama_like_tp2", "gpt2_like_tp2"])
+@pytest.mark.parametrize(
+    "name", ["llama_like_tp1", "llama_like_tp2", "gpt2_like_tp2", "llama_like_tp1_pp2", "gpt2_like_tp2_pp2"]
+)
 @pytest.mark.parametrize("args_from", ["checkpoint", "json"])
 def test_torch_dist_gives_megatron_core_logits(name, args_from, tmp_path):
     fixture = TORCH_DIST / name
