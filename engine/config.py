@@ -46,6 +46,14 @@ class EngineConfig:
     dtype: torch.dtype | None = None
     step_timeout: float = field(default=600.0, metadata={"help": (
         "seconds a step may take before the workers are presumed hung and killed")})
+    distributed_timeout: float = field(default=300.0, metadata={"help": (
+        "seconds a rank waits in a collective (a step's all-reduce, send or receive, a broadcast plan) for "
+        "its peers before it gives up on them; idle ranks exchange heartbeats, so an idle server never "
+        "reaches it. It must exceed the longest step")})
+    launcher: str = field(default="spawn", metadata={"help": (
+        "spawn: the engine starts every worker on this machine. torchrun: torchrun started one process per "
+        "rank on every node; this one is global rank 0's, and the engine starts only rank 0's worker, which "
+        "joins the others through torchrun's MASTER_ADDR and MASTER_PORT")})
     load_format: str = field(default="auto", metadata={"help": (
         "auto: the checkpoint's weights; dummy: random weights drawn on the device, only the checkpoint's "
         "config.json read (vLLM's --load-format dummy), for benchmarking shapes no checkpoint ships")})
@@ -71,6 +79,10 @@ class EngineConfig:
             raise ValueError(f"max_model_len={self.max_model_len} must be >= 2 (one prompt token and one generated)")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.distributed_timeout <= 0:
+            raise ValueError(f"distributed_timeout={self.distributed_timeout} must be > 0")
+        if self.launcher not in ("spawn", "torchrun"):
+            raise ValueError(f"launcher={self.launcher!r} must be 'spawn' or 'torchrun'")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format={self.load_format!r} must be 'auto' or 'dummy'")
         if self.cpu_kernels != "auto" and self.cpu_kernels not in CANDIDATES:

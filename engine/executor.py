@@ -1,8 +1,14 @@
-"""`Executor`: spawns the workers, hands each step plan to all of them, watches them.
+"""`Executor`: spawns the workers, hands each command to rank 0, watches them.
 
-Every wait also watches each worker's process sentinel, so a worker that dies is noticed at
-once: the other ranks are killed (gloo peers would otherwise wait in a collective for many
-minutes), the error is kept, and every later call fails fast with it.
+Rank 0 broadcasts every command to the other ranks (engine/control_plane.py) and answers with
+the driver's result, so the engine talks to one pipe whether the other ranks are its own
+children (spawn: all T × P ranks on this machine) or processes torchrun started on other nodes
+(torchrun: the executor spawns rank 0 only; it joins the others through torchrun's rendezvous).
+
+Every wait also watches each spawned worker's process sentinel, so a worker that dies is noticed
+at once: the other ranks are killed (gloo peers would otherwise wait in a collective until the
+timeout), the error is kept, and every later call fails fast with it. A rank on another node
+that dies breaks rank 0's broadcasts, so rank 0 fails and exits, and that is seen the same way.
 """
 
 from __future__ import annotations
@@ -37,56 +43,41 @@ class Executor:
     def __init__(self, config: WorkerConfig, start_timeout: float = 600.0, step_timeout: float = 600.0) -> None:
         self.step_timeout = step_timeout
         self.error: str | None = None
-        # The rank that samples and answers each step (the last pipeline stage's first TP rank).
-        self.driver_rank = config.driver_rank
         ctx = mp.get_context("spawn")
-        config.init_method = f"tcp://127.0.0.1:{_free_port()}"
+        if config.init_method != "env://":
+            config.init_method = f"tcp://127.0.0.1:{_free_port()}"
         self._conns, self._procs = [], []
-        for rank in range(config.world_size):
-            parent, child = ctx.Pipe()
+        for rank in range(1 if config.init_method == "env://" else config.world_size):
+            # Rank 0's pipe carries commands and answers; the others' only their last words.
+            parent, child = ctx.Pipe(duplex=rank == 0)
             proc = ctx.Process(target=_run_worker, args=(rank, config, child), name=f"tpserve-worker-{rank}", daemon=True)
             proc.start()
             child.close()
             self._conns.append(parent)
             self._procs.append(proc)
-        ready = self._gather(start_timeout)
-        # Every rank measured its own memory; all must use the same number of blocks.
-        self.num_blocks = min(num_blocks for num_blocks, _ in ready)
-        # Rank 0's (summary, table) of the CPU linear kernels it timed; None when pinned or on GPUs.
-        self.cpu_kernel_tuning: tuple[str, str] | None = ready[0][1]
+        # The fewest blocks any rank's memory holds (all must use the same number), and rank 0's
+        # (summary, table) of the CPU linear kernels it timed (None when pinned or on GPUs).
+        self.num_blocks, self.cpu_kernel_tuning = self._answer(start_timeout)
 
     def init_cache(self, num_blocks: int) -> None:
-        for conn in self._conns:
-            conn.send((WorkerCommand.INIT_CACHE, num_blocks))
-        self._gather(self.step_timeout)
+        self._conns[0].send((WorkerCommand.INIT_CACHE, str(num_blocks).encode()))
+        self._answer(self.step_timeout)
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.check()
-        data = plan.encode()
-        for conn in self._conns:
-            conn.send((WorkerCommand.STEP, data))  # the same bytes to every rank
-        return self._wait_driver(self.step_timeout)
+        self._conns[0].send((WorkerCommand.STEP, plan.encode()))
+        return self._answer(self.step_timeout)
 
-    def _gather(self, timeout: float) -> list:
-        """One answer from every rank."""
-        answers: dict[int, object] = {}
-        deadline = time.monotonic() + timeout
-        while len(answers) < len(self._conns):
-            ready = self._wait(deadline)
-            for rank, conn in enumerate(self._conns):
-                if conn in ready and rank not in answers:
-                    answers[rank] = self._receive(rank)
-        return [answers[r] for r in range(len(self._conns))]
-
-    def _wait_driver(self, timeout: float) -> StepResult:
+    def _answer(self, timeout: float):
+        """Rank 0's answer; the other ranks only ever send their last words."""
         deadline = time.monotonic() + timeout
         while True:
             ready = self._wait(deadline)
             for rank, conn in enumerate(self._conns):
                 if conn in ready:
-                    result = self._receive(rank)  # only the driver answers a step; others only fail
-                    if rank == self.driver_rank:
-                        return result
+                    answer = self._receive(rank)
+                    if rank == 0:
+                        return answer
 
     def _wait(self, deadline: float) -> list:
         remaining = deadline - time.monotonic()
@@ -136,11 +127,10 @@ class Executor:
 
     def shutdown(self) -> None:
         if self.error is None:
-            for conn in self._conns:
-                try:
-                    conn.send((WorkerCommand.SHUTDOWN, None))
-                except (BrokenPipeError, OSError):
-                    pass
+            try:
+                self._conns[0].send((WorkerCommand.SHUTDOWN, b""))  # rank 0 tells the others
+            except (BrokenPipeError, OSError):
+                pass
             for proc in self._procs:
                 proc.join(timeout=10)
         self._kill()

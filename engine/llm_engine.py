@@ -72,7 +72,8 @@ class LLMEngine:
                 checkpoint=config.checkpoint,
                 tensor_parallel_size=config.tensor_parallel_size,
                 pipeline_parallel_size=config.pipeline_parallel_size,
-                init_method="",  # the executor picks a free port
+                # torchrun's rendezvous, or a free port the executor picks
+                init_method="env://" if config.launcher == "torchrun" else "",
                 device=config.device,
                 dtype=config.dtype,
                 block_size=config.block_size,
@@ -85,6 +86,7 @@ class LLMEngine:
                 random_weights=config.load_format == "dummy",
                 enforce_eager=config.enforce_eager,
                 cpu_kernels=config.cpu_kernels,
+                distributed_timeout=config.distributed_timeout,
             ),
             step_timeout=config.step_timeout,
         )

@@ -9,7 +9,8 @@ worker knows); each worker keeps its own per-sequence state, updated from them.
 settings), then only as deltas: the tokens sampled since, the blocks added. Workers keep the
 rest. It travels as bytes: a small JSON header for new sequences and flat int32 arrays for
 the per-step part, so a decode step costs a few ints per sequence (never a pickled object),
-and any transport can carry it (a pipe today, a torch.distributed broadcast to other nodes).
+and any transport can carry it (a pipe from the engine to rank 0, a torch.distributed broadcast
+from rank 0 to the other ranks, on this node or others).
 
 A later per-step side message to the sampling rank only (a structured-output token bitmask,
 computed after the plan went out) travels beside the plan, keyed by the same sequence ids.
@@ -34,6 +35,7 @@ class WorkerCommand(enum.Enum):
     INIT_CACHE = "init_cache"
     STEP = "step"
     SHUTDOWN = "shutdown"
+    HEARTBEAT = "heartbeat"  # rank 0 to the others while the engine is idle
 
 
 @dataclass
@@ -54,16 +56,12 @@ class WorkerConfig:
     random_weights: bool = False  # EngineConfig.load_format == "dummy"
     enforce_eager: bool = False  # EngineConfig.enforce_eager: capture no CUDA graph
     cpu_kernels: str = "auto"  # EngineConfig.cpu_kernels
+    distributed_timeout: float = 300.0  # EngineConfig.distributed_timeout
 
 
     @property
     def world_size(self) -> int:
         return self.tensor_parallel_size * self.pipeline_parallel_size
-
-    @property
-    def driver_rank(self) -> int:
-        """The rank that samples and answers each step: the last stage's first tensor-parallel rank."""
-        return (self.pipeline_parallel_size - 1) * self.tensor_parallel_size
 
 
 @dataclass

@@ -1,12 +1,15 @@
 """The worker process: one per rank of TP × PP. Loads its shard of its pipeline stage, owns that
 stage's KV cache, runs steps.
 
-    start ─> join the group ─> load this rank's slices ─> measure memory ─> send READY(num_blocks)
-          <─ INIT_CACHE(num_blocks, the minimum over ranks) ─> allocate the cache ─> send READY
-          <─ STEP(plan bytes) ... (the driver, the last stage's first TP rank, answers each with
-                                   the sampled tokens)
+    start ─> join the group ─> (rank 0's WorkerConfig to all) ─> load this rank's slices ─>
+          measure memory ─> rank 0 sends READY(the fewest blocks any rank can hold)
+          <─ INIT_CACHE(num_blocks) ─> allocate the cache ─> rank 0 sends READY
+          <─ STEP(plan bytes) ... rank 0 answers each with the driver's sampled tokens
           <─ SHUTDOWN
-An exception is sent to the executor as text before the process exits.
+Only rank 0 talks to the engine (a pipe); every command reaches the others by broadcast
+(engine/control_plane.py), so a rank on another node, started by torchrun, runs the same loop as
+one the engine spawned. A spawned rank's exception goes to the executor as text before the process
+exits; a headless rank prints it and exits non-zero, for torchrun to see.
 """
 
 from __future__ import annotations
@@ -14,10 +17,13 @@ from __future__ import annotations
 import os
 import signal
 import traceback
+from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from tpserve.engine.control_plane import ControlPlane
 from tpserve.engine.cuda_graph import cuda_graph_batch_sizes
 from tpserve.engine.model_runner import ModelRunner
 from tpserve.engine.protocol import StepPlan, WorkerCommand, WorkerConfig
@@ -42,7 +48,8 @@ def _available_cpu_memory() -> int:
     raise RuntimeError("cannot read MemAvailable from /proc/meminfo")
 
 
-def kv_cache_bytes(config: WorkerConfig, model: GPTModel, device: torch.device, ps: ParallelState) -> int:
+def kv_cache_bytes(config: WorkerConfig, model: GPTModel, device: torch.device, ps: ParallelState,
+                   local_world_size: int) -> int:
     """Bytes this rank gives its KV cache: the setting, or what measured free memory allows."""
     if config.kv_cache_memory is not None:
         return config.kv_cache_memory
@@ -53,8 +60,8 @@ def kv_cache_bytes(config: WorkerConfig, model: GPTModel, device: torch.device, 
         free, total = torch.cuda.mem_get_info(device)
         peak_activations = _profile_activations(config, model, device, ps)
         return int(total * config.gpu_memory_utilization - (total - free) - peak_activations)
-    # Ranks share the host's memory: each takes its part of a quarter of what is available.
-    return min(_available_cpu_memory() // 4 // config.world_size, 4 << 30)
+    # This machine's ranks share its memory: each takes its part of a quarter of what is available.
+    return min(_available_cpu_memory() // 4 // local_world_size, 4 << 30)
 
 
 def _profile_activations(config: WorkerConfig, model: GPTModel, device: torch.device, ps: ParallelState) -> int:
@@ -97,13 +104,41 @@ def bind_cpu_linear_kernels(config: WorkerConfig, model: GPTModel, ps: ParallelS
     return report
 
 
+@dataclass(frozen=True)
+class RankStart:
+    """What a rank knows before it joins the group."""
+
+    rank: int
+    world_size: int
+    local_rank: int  # the GPU it drives
+    local_world_size: int  # ranks on this machine, which share its cores and memory
+    tensor_parallel_size: int
+    pipeline_parallel_size: int
+    device: str
+    init_method: str  # tcp://host:port, or env:// under torchrun (MASTER_ADDR, MASTER_PORT)
+    timeout: timedelta
+
+    @classmethod
+    def spawned(cls, rank: int, config: WorkerConfig) -> "RankStart":
+        """A rank the executor spawned: everything comes from the WorkerConfig. Under torchrun the
+        executor spawns rank 0 only, and the machine's layout is torchrun's."""
+        local_rank, local_world_size = rank, config.world_size
+        if config.init_method == "env://":
+            local_rank, local_world_size = int(os.environ["LOCAL_RANK"]), int(os.environ["LOCAL_WORLD_SIZE"])
+        return cls(rank, config.world_size, local_rank, local_world_size, config.tensor_parallel_size,
+                   config.pipeline_parallel_size, config.device, config.init_method,
+                   timedelta(seconds=config.distributed_timeout))
+
+
 def worker_main(rank: int, config: WorkerConfig, conn) -> None:
+    """A rank the executor spawned. `conn`: rank 0's two-way pipe to the engine; for the others,
+    only the way their error reaches it."""
     # The server process owns shutdown. A Ctrl-C reaches the whole process group, and a rank
     # killed by it would fail the requests the server is still draining; a worker stops on
     # SHUTDOWN, on the executor's SIGTERM/SIGKILL, or on EOF once the server process is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        _serve(rank, config, conn)
+        _serve(RankStart.spawned(rank, config), config, conn if rank == 0 else None)
     except BaseException:
         try:
             conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
@@ -111,34 +146,70 @@ def worker_main(rank: int, config: WorkerConfig, conn) -> None:
             os._exit(1)  # peers may be blocked in a collective; the executor ends them
 
 
-def _serve(rank: int, config: WorkerConfig, conn) -> None:
-    if config.device == "cuda":
-        device = torch.device("cuda", rank)
+def headless_main(start: RankStart) -> int:
+    """A rank torchrun started that is not global rank 0: it waits for rank 0's commands, with no
+    engine of its own. Returns the exit code: 0 after SHUTDOWN, 1 after an error."""
+    try:
+        _serve(start, None, None)
+    except BaseException:
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _serve(start: RankStart, config: WorkerConfig | None, conn) -> None:
+    """`config` and `conn`: the WorkerConfig and the engine's pipe on rank 0; None elsewhere."""
+    if start.device == "cuda":
+        device = torch.device("cuda", start.local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
         device = torch.device("cpu")
-        # The host's cores are shared by the ranks (2 // tp on a 2-core machine, at least 1),
+        # The machine's cores are shared by its ranks (2 // tp on a 2-core machine, at least 1),
         # unless OMP_NUM_THREADS, torch's own knob, says otherwise: on a shared host, fewer
         # threads than cores avoid OpenMP waiting on a core another process holds.
         threads = os.environ.get("OMP_NUM_THREADS")
-        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // config.world_size))
+        torch.set_num_threads(int(threads) if threads else max(1, (os.cpu_count() or 1) // start.local_world_size))
         backend = "gloo"
-    ps = initialize_model_parallel(rank, config.tensor_parallel_size, config.pipeline_parallel_size,
-                                   config.init_method, backend)
+    ps = initialize_model_parallel(start.rank, start.tensor_parallel_size, start.pipeline_parallel_size,
+                                   start.init_method, backend, start.timeout)
+    # The driver samples: the last stage's first tensor-parallel rank.
+    driver_rank = ps.global_rank(0, ps.pipeline_model_parallel_size - 1)
+    control = ControlPlane(ps.rank, ps.world_size, driver_rank, start.timeout)
+    config = control.share(config)
     model = load_model(config.checkpoint, ps, device=device, dtype=config.dtype, parallel_output=False,
                        random_weights=config.random_weights)
     tuning = bind_cpu_linear_kernels(config, model, ps) if device.type == "cpu" else None
     bytes_per_block = KVCache.bytes_per_block(model.config, config.block_size, config.dtype, model.num_local_layers)
-    conn.send(("ready", (kv_cache_bytes(config, model, device, ps) // bytes_per_block, tuning)))
+    num_blocks = kv_cache_bytes(config, model, device, ps, start.local_world_size) // bytes_per_block
+    num_blocks = control.min_over_ranks(num_blocks)  # every rank must hold the same blocks
+    if conn is not None:
+        conn.send(("ready", (num_blocks, tuning)))
 
-    command, num_blocks = conn.recv()
-    if command == WorkerCommand.SHUTDOWN:  # the engine refused to start (e.g. too few blocks)
-        return
-    assert command == WorkerCommand.INIT_CACHE, command
+    runner = None
+    while True:
+        command, payload = control.next_command(conn)
+        if command == WorkerCommand.SHUTDOWN:  # also before INIT_CACHE: the engine refused to start
+            return
+        if command == WorkerCommand.HEARTBEAT:
+            continue
+        if command == WorkerCommand.INIT_CACHE:
+            runner = _runner(config, model, int(payload), ps, device)
+            control.barrier()  # every rank has its cache
+            if conn is not None:
+                conn.send(("ready", None))
+            continue
+        assert command == WorkerCommand.STEP and runner is not None, command
+        result = control.result_to_rank0(runner.execute(StepPlan.decode(payload)))
+        if conn is not None:
+            conn.send(("ok", result))
+
+
+def _runner(config: WorkerConfig, model: GPTModel, num_blocks: int, ps: ParallelState,
+            device: torch.device) -> ModelRunner:
     kv_cache = KVCache(model.config, num_blocks, config.block_size, config.dtype, device, model.num_local_layers)
     model.bind_kv_cache(kv_cache)
-    runner = ModelRunner(
+    return ModelRunner(
         model,
         kv_cache,
         config.max_num_seqs,
@@ -154,11 +225,3 @@ def _serve(rank: int, config: WorkerConfig, conn) -> None:
             if device.type == "cuda" and not config.enforce_eager and config.pipeline_parallel_size == 1 else []
         ),
     )
-    conn.send(("ready", None))
-    while True:
-        command, payload = conn.recv()
-        if command == WorkerCommand.SHUTDOWN:
-            break
-        result = runner.execute(StepPlan.decode(payload))
-        if runner.is_driver:
-            conn.send(("ok", result))

@@ -23,7 +23,6 @@ GOLDEN = json.loads((Path(__file__).parent.parent / "fixtures" / "smollm2_greedy
 def test_random_model_at_tp2_pp2_batches_like_hugging_face(random_ckpt):
     engine = make_engine(random_ckpt[0], tensor_parallel_size=2, pipeline_parallel_size=2)
     try:
-        assert engine.executor.driver_rank == 2  # the last stage's first tensor-parallel rank samples
         batched = run(engine, [(p, GREEDY) for p in prompts()], per_step=2)
         for prompt, out in zip(prompts(), batched):
             reference, trusted = hf_greedy(random_ckpt[1], prompt, 16)
