@@ -19,7 +19,7 @@ from tpserve.engine.outputs import RequestOutput
 from tpserve.engine.sampling_params import SamplingParams
 
 
-__all__ = ["EngineClient", "EngineDeadError"]
+__all__ = ["EngineClient", "EngineDeadError", "run_headless_rank"]
 
 
 class EngineClient:
@@ -69,3 +69,19 @@ class EngineClient:
 
     def shutdown(self) -> None:
         self._engine.shutdown()
+
+
+def run_headless_rank(config: EngineConfig) -> int:
+    """Under torchrun, a rank other than global rank 0: join the group through torchrun's
+    environment, take every setting from rank 0 and run its commands until it says SHUTDOWN. The
+    exit code: 0 after SHUTDOWN, 1 after an error (a peer gone, a failed step)."""
+    import os
+    from datetime import timedelta
+
+    from tpserve.engine.worker import RankStart, headless_main
+
+    env = {name: int(os.environ[name]) for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    return headless_main(RankStart(
+        env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"], env["LOCAL_WORLD_SIZE"], config.tensor_parallel_size,
+        config.pipeline_parallel_size, config.device, "env://", timedelta(seconds=config.distributed_timeout),
+    ))

@@ -139,9 +139,10 @@ def worker_main(rank: int, config: WorkerConfig, conn) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         _serve(RankStart.spawned(rank, config), config, conn if rank == 0 else None)
-    except BaseException:
+    except BaseException as e:
+        traceback.print_exc()  # the whole story goes to the log; the error's own line to the engine
         try:
-            conn.send(("error", f"rank {rank}: {traceback.format_exc()}"))
+            conn.send(("error", f"rank {rank}: {''.join(traceback.format_exception_only(e)).strip()}"))
         finally:
             os._exit(1)  # peers may be blocked in a collective; the executor ends them
 

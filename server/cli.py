@@ -127,7 +127,12 @@ SERVE_DESCRIPTION = """\
 Serve a tpserve checkpoint over HTTP: OpenAI-compatible /v1/completions, /v1/chat/completions
 and /v1/models, the engine's own /generate, Megatron-LM's PUT /api, and /health, /ready and
 /metrics. The engine (scheduler, detokenizer) runs on its own thread and the model in one worker
-process per tensor-parallel rank, so a slow step never stalls the HTTP loop.
+process per rank (tensor x pipeline parallel size), so a slow step never stalls the HTTP loop.
+
+Across machines, start it under torchrun on every node with the same arguments: global rank 0
+serves HTTP and runs the engine, the other ranks run their workers headless. If any rank dies,
+every rank exits non-zero (requests in flight get an error first), for torchrun or the cluster
+to restart the group.
 
 Requests that would not fit (prompt + max_tokens > --max-model-len) are refused with 400, not
 cut short. max_tokens left out means 16 for /v1/completions and /generate (OpenAI's default) and
@@ -139,6 +144,8 @@ SIGTERM or Ctrl-C stops accepting requests, lets those in flight finish for up t
 examples:
   tpserve serve                                    # the default model on 127.0.0.1:8000
   tpserve serve --checkpoint ./ckpt --tensor-parallel-size 2 --port 8080 --api-key "$KEY"
+  torchrun --nnodes 2 --nproc-per-node 4 --node-rank R --master-addr HOST0 --master-port 29500 \\
+       -m tpserve.server.cli serve --checkpoint ./ckpt --tensor-parallel-size 4 --pipeline-parallel-size 2
   curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
        -d '{"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0}'"""
 
@@ -163,7 +170,10 @@ ENGINE_FLAGS = {
     "load_format": dict(choices=["auto", "dummy"]),
     "enforce_eager": dict(action="store_true"),
     "cpu_kernels": dict(metavar="auto|torch|native|mm_t"),
+    "distributed_timeout": dict(type=float, metavar="SECONDS"),
 }
+# What torchrun (or any launcher of torch.distributed's env:// contract) sets for each rank.
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def _add_engine_flags(group) -> None:
@@ -246,6 +256,19 @@ def _add_serve(subparsers) -> None:
                       help="server log level; debug also logs every request (default info)")
 
 
+def _torchrun_rank(parser: argparse.ArgumentParser, engine_config) -> int | None:
+    """This process's global rank when torchrun started it (None otherwise), after checking that
+    torchrun started as many ranks as the parallel sizes need."""
+    if not all(name in os.environ for name in TORCHRUN_ENV):
+        return None
+    world = int(os.environ["WORLD_SIZE"])
+    tp, pp = engine_config.tensor_parallel_size, engine_config.pipeline_parallel_size
+    if world != tp * pp:
+        parser.error(f"torchrun started WORLD_SIZE={world} ranks, but --tensor-parallel-size {tp} x "
+                     f"--pipeline-parallel-size {pp} needs {tp * pp}: give torchrun --nnodes x --nproc-per-node = {tp * pp}")
+    return int(os.environ["RANK"])
+
+
 def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -254,6 +277,15 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
 
     # Checked before anything loads (the checkpoint, once known, replaces this stand-in).
     engine_config = _engine_config(parser, args, Path(args.checkpoint or "."))
+    rank = _torchrun_rank(parser, engine_config)
+    if rank is not None and rank > 0:
+        # Under torchrun, every rank but global rank 0 serves rank 0's commands, headless: no HTTP,
+        # no engine. Its settings come from rank 0 (the same command line is assumed, not trusted).
+        from tpserve.engine.client import run_headless_rank
+
+        raise SystemExit(run_headless_rank(engine_config))
+    if rank == 0:
+        engine_config = dataclasses.replace(engine_config, launcher="torchrun")
     if args.max_queued_requests < 0:
         parser.error("--max-queued-requests must be >= 0")
     if args.api_key == "":
@@ -278,7 +310,9 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
     except BaseException:
         sock.close()
         raise
-    serve(engine_config, server_config, sock, log_level=args.log_level)
+    code = serve(engine_config, server_config, sock, log_level=args.log_level)
+    if code:
+        raise SystemExit(code)
 
 
 def _add_prepare_model(subparsers) -> None:

@@ -16,6 +16,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 
 import uvicorn
 
@@ -33,6 +34,7 @@ class DrainingServer(uvicorn.Server):
     def __init__(self, config: uvicorn.Config, runner) -> None:
         super().__init__(config)
         self.runner = runner
+        self.exit_code = 0
 
     def handle_exit(self, sig, frame) -> None:
         if not self.runner.draining:
@@ -79,9 +81,27 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+# Under torchrun, how long a server whose engine died stays up: requests in flight get their
+# error event and new ones 503, then the process exits non-zero for torchrun to see.
+DEAD_ENGINE_GRACE_S = 2.0
+
+
+def _exit_when_engine_dies(engine: EngineClient, server: "DrainingServer") -> None:
+    while not server.should_exit:
+        if not engine.is_healthy:
+            logger.error("the engine is dead (%s); exiting so that torchrun can restart the group", engine.error)
+            server.runner.draining = True
+            time.sleep(DEAD_ENGINE_GRACE_S)
+            server.exit_code = 1
+            server.should_exit = True
+            return
+        time.sleep(0.5)
+
+
 def serve(engine_config: EngineConfig, server_config: ServerConfig, sock: socket.socket,
-          log_level: str = "info") -> None:
-    """Serve on `sock` (from `bind_socket`) until a stop signal; closes it."""
+          log_level: str = "info") -> int:
+    """Serve on `sock` (from `bind_socket`) until a stop signal, or under torchrun until the engine
+    dies; closes it. Returns the exit code: 0 after a stop signal, 1 when the engine died."""
     host, port = sock.getsockname()[:2]
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logger.info("starting the engine: %s, tensor parallel size %d, pipeline parallel size %d",
@@ -96,7 +116,10 @@ def serve(engine_config: EngineConfig, server_config: ServerConfig, sock: socket
         server = DrainingServer(config, app.state.runner)
         logger.info("serving %s on http://%s:%d (max_model_len %d)", server_config.model_name, host, port,
                     engine.max_model_len)
+        if engine_config.launcher == "torchrun":
+            threading.Thread(target=_exit_when_engine_dies, args=(engine, server), daemon=True).start()
         server.run(sockets=[sock])
+        return server.exit_code
     finally:
         engine.shutdown()
         sock.close()  # a no-op when the app's shutdown already stopped it
