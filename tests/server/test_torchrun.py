@@ -2,7 +2,10 @@
 processes on 127.0.0.1, one rank each, pipeline-parallel size 2. Node 0's rank serves HTTP and
 runs the engine; node 1's runs its stage headless. The answers must equal the `LLM` API's at
 PP 1; an idle server must outlive the collective timeout; and a rank that dies must take every
-node down, non-zero, with an error event to the stream in flight."""
+node down, non-zero, with an error event to the stream in flight.
+
+Then the same two nodes as two hosts with addresses of their own: network namespaces joined by
+a veth pair (and one more to reach node 0's HTTP port from here), where `ip netns` is allowed."""
 
 from __future__ import annotations
 
@@ -29,16 +32,21 @@ PROMPTS = ["The capital of France is", "def add(a, b):", "1, 2, 3,"]
 
 
 class TwoNodes:
-    def __init__(self, checkpoint: Path, folder: Path) -> None:
+    """`hosts`: per node, the command prefix that puts it on its host (none: this one), and the
+    environment it adds; `master_addr` is node 0's address as node 1 sees it, `url_host` as this
+    test process does."""
+
+    def __init__(self, checkpoint: Path, folder: Path, hosts=(([], {}), ([], {})), master_addr: str = "127.0.0.1",
+                 url_host: str = "127.0.0.1") -> None:
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"http://{url_host}:{self.port}"
         master_port = free_port()
         self.logs = [folder / f"node{r}.log" for r in (0, 1)]
         self.procs = []
-        for node_rank in (0, 1):
-            args = [TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node_rank),
-                    "--master-addr", "127.0.0.1", "--master-port", str(master_port),
-                    "-m", "tpserve.server.cli", "serve", "--checkpoint", str(checkpoint),
+        for node_rank, (prefix, env) in enumerate(hosts):
+            args = [*prefix, TORCHRUN, "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node_rank),
+                    "--master-addr", master_addr, "--master-port", str(master_port),
+                    "-m", "tpserve.server.cli", "serve", "--checkpoint", str(checkpoint), "--host", url_host,
                     "--pipeline-parallel-size", "2", "--port", str(self.port), "--served-model-name", "tiny",
                     "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", KV_CACHE,
                     "--distributed-timeout", str(DISTRIBUTED_TIMEOUT), "--log-level", "warning", *SERVE_PINS]
@@ -46,7 +54,7 @@ class TwoNodes:
             # our `kernels/` folder would shadow the PyPI package transformers imports.
             self.procs.append(subprocess.Popen(
                 args, cwd=folder, stdout=open(self.logs[node_rank], "w"), stderr=subprocess.STDOUT,
-                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
             ))
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -121,3 +129,55 @@ def test_a_dead_rank_stops_every_node_and_the_stream_gets_an_error(nodes):
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
     assert error["code"] == "engine_dead" and "Connection closed by peer" in error["message"], error
+
+
+NAMESPACES = ("tpserve-node0", "tpserve-node1")
+# node 0 <-> node 1, and this process <-> node 0 (its HTTP port)
+LINK, LINK_ADDRS = ("tps-n0", "tps-n1"), ("10.231.0.1", "10.231.0.2")
+CLIENT_LINK, CLIENT_ADDRS = ("tps-client", "tps-n0c"), ("10.231.1.2", "10.231.1.1")
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    """Two network namespaces with addresses of their own, torn down at the end."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    try:
+        _ip("netns", "add", NAMESPACES[0])
+    except FileNotFoundError:
+        pytest.skip("no `ip` command (iproute2)")
+    except subprocess.CalledProcessError as e:
+        pytest.skip(f"`ip netns add` is not permitted here: {e.stderr.strip()}")
+    try:
+        _ip("netns", "add", NAMESPACES[1])
+        _ip("link", "add", LINK[0], "type", "veth", "peer", "name", LINK[1])
+        _ip("link", "add", CLIENT_LINK[0], "type", "veth", "peer", "name", CLIENT_LINK[1])
+        for ns, dev, addr in ((NAMESPACES[0], LINK[0], LINK_ADDRS[0]), (NAMESPACES[1], LINK[1], LINK_ADDRS[1]),
+                              (NAMESPACES[0], CLIENT_LINK[1], CLIENT_ADDRS[1])):
+            _ip("link", "set", dev, "netns", ns)
+            _ip("-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
+            _ip("-n", ns, "link", "set", dev, "up")
+        for ns in NAMESPACES:
+            _ip("-n", ns, "link", "set", "lo", "up")
+        _ip("addr", "add", f"{CLIENT_ADDRS[0]}/24", "dev", CLIENT_LINK[0])
+        _ip("link", "set", CLIENT_LINK[0], "up")
+        # gloo finds its interface by the hostname's address unless told; here it is the veth.
+        yield [(["ip", "netns", "exec", ns], {"GLOO_SOCKET_IFNAME": dev}) for ns, dev in zip(NAMESPACES, LINK)]
+    finally:
+        for ns in NAMESPACES:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        subprocess.run(["ip", "link", "del", CLIENT_LINK[0]], capture_output=True)
+
+
+def test_two_hosts_with_their_own_addresses(two_hosts, tiny_ckpt, tmp_path, reference):
+    nodes = TwoNodes(tiny_ckpt, tmp_path, two_hosts, master_addr=LINK_ADDRS[0], url_host=CLIENT_ADDRS[1])
+    try:
+        expected = [o.outputs[0].text
+                    for o in reference.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24))]
+        assert completions(nodes) == expected
+    finally:
+        nodes.stop()
