@@ -21,7 +21,7 @@ import httpx
 import openai
 import pytest
 from helpers import SERVE_PINS
-from server_process import KV_CACHE, MAX_MODEL_LEN, children, free_port
+from server_process import KV_CACHE, MAX_MODEL_LEN, alive, children, free_port
 
 from tpserve import SamplingParams
 
@@ -77,11 +77,27 @@ class TwoNodes:
     def log_text(self) -> str:
         return "\n".join(f"--- node {r}:\n{log.read_text()}" for r, log in enumerate(self.logs))
 
-    def stop(self) -> None:
+    def stop(self) -> int:
+        """SIGTERM to both torchrun agents, which pass it to their ranks: rank 0 drains and tells
+        node 1's rank to shut down. Anything left after 30 s is killed (torchrun starts its ranks
+        in sessions of their own, so they are found before their agents go). Returns node 0's
+        exit code."""
+        ranks = [pid for proc in self.procs if proc.poll() is None for pid in children(proc.pid)]
         for proc in self.procs:
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+                proc.send_signal(signal.SIGTERM)
+        try:
+            for proc in self.procs:
+                proc.wait(timeout=30)
+        finally:
+            for pid in ranks:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            for proc in self.procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        return self.procs[0].returncode
 
 
 @pytest.fixture(scope="module")
