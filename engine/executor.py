@@ -11,8 +11,9 @@ import multiprocessing as mp
 import socket
 import time
 from multiprocessing.connection import wait
+from typing import Callable
 
-from tpserve.engine.protocol import StepPlan, StepResult, WorkerCommand, WorkerConfig
+from tpserve.engine.protocol import StepBitmask, StepPlan, StepResult, WorkerCommand, WorkerConfig
 
 
 class EngineDeadError(RuntimeError):
@@ -60,11 +61,15 @@ class Executor:
             conn.send((WorkerCommand.INIT_CACHE, num_blocks))
         self._gather(self.step_timeout)
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, bitmask: Callable[[], StepBitmask] | None = None) -> StepResult:
+        """Run a step. A plan with `has_bitmask` needs `bitmask`, called once the plan is out (its
+        work overlaps the ranks' forward) and its answer sent to the driver alone."""
         self.check()
         data = plan.encode()
         for conn in self._conns:
             conn.send((WorkerCommand.STEP, data))  # the same bytes to every rank
+        if plan.has_bitmask:
+            self._conns[self.driver_rank].send((WorkerCommand.BITMASK, bitmask().encode()))
         return self._wait_driver(self.step_timeout)
 
     def _gather(self, timeout: float) -> list:

@@ -4,7 +4,8 @@ stage's KV cache, runs steps.
     start ─> join the group ─> load this rank's slices ─> measure memory ─> send READY(num_blocks)
           <─ INIT_CACHE(num_blocks, the minimum over ranks) ─> allocate the cache ─> send READY
           <─ STEP(plan bytes) ... (the driver, the last stage's first TP rank, answers each with
-                                   the sampled tokens)
+                                   the sampled tokens; when the plan says so, it reads a
+                                   BITMASK(bytes) after the forward, before sampling)
           <─ SHUTDOWN
 An exception is sent to the executor as text before the process exits.
 """
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from tpserve.engine.cuda_graph import cuda_graph_batch_sizes
 from tpserve.engine.model_runner import ModelRunner
-from tpserve.engine.protocol import StepPlan, WorkerCommand, WorkerConfig
+from tpserve.engine.protocol import StepBitmask, StepPlan, WorkerCommand, WorkerConfig
 from tpserve.kernels.cpu_linear import LinearKernels
 from tpserve.kernels.cpu_tuning import tune_linears
 from tpserve.model.checkpoint import load_model
@@ -155,10 +156,16 @@ def _serve(rank: int, config: WorkerConfig, conn) -> None:
         ),
     )
     conn.send(("ready", None))
+
+    def read_bitmask() -> StepBitmask:
+        command, payload = conn.recv()
+        assert command == WorkerCommand.BITMASK, command
+        return StepBitmask.decode(payload)
+
     while True:
         command, payload = conn.recv()
         if command == WorkerCommand.SHUTDOWN:
             break
-        result = runner.execute(StepPlan.decode(payload))
+        result = runner.execute(StepPlan.decode(payload), read_bitmask)
         if runner.is_driver:
             conn.send(("ok", result))
