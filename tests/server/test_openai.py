@@ -172,7 +172,7 @@ def test_models_and_unknown_model(client, server):
 
 
 def test_response_format_json_object_gives_a_json_object(client):
-    # Structured outputs in full: tests/server/test_structured_outputs.py.
+    # Structured outputs in full: tests/server/test_structured_outputs_api.py.
     out = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=60, temperature=0,
                                          response_format={"type": "json_object"})
     text = out.choices[0].message.content
