@@ -44,6 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-file", help="one prompt per line (text), instead of random token ids")
     p.add_argument("--output-len", type=int, default=128)
     p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-parallel-size", type=int, default=1)
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                    help="tpserve's dtype (auto: bfloat16 on GPUs and CPUs with native bf16, else float32)")
     p.add_argument("--cpu-kernels", default="auto", help="CPU linear kernels: auto (timed, cached) or a name to pin")
@@ -157,7 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.kv_cache_memory:
         engine_args["kv_cache_memory"] = args.kv_cache_memory
     started = time.perf_counter()
-    llm = LLM(checkpoint, tensor_parallel_size=args.tensor_parallel_size, **engine_args)
+    llm = LLM(checkpoint, tensor_parallel_size=args.tensor_parallel_size,
+              pipeline_parallel_size=args.pipeline_parallel_size, **engine_args)
     startup_s = time.perf_counter() - started
     dtype = llm.engine.config.dtype
     tuning = llm.engine.executor.cpu_kernel_tuning

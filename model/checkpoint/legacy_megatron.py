@@ -1,4 +1,5 @@
-"""Legacy Megatron-LM checkpoints: `mp_rank_XX/model_optim_rng.pt`, one pickle per TP rank, merged.
+"""Legacy Megatron-LM checkpoints: `mp_rank_XX/model_optim_rng.pt`, one pickle per TP rank (per TP
+rank and pipeline stage, `mp_rank_XX_YYY`, with pipeline parallelism), merged.
 
 The layout is GPT2-345M's (Megatron-LM's `legacy` model, checkpoint_version 0 to 3.0):
 
@@ -33,6 +34,7 @@ import torch
 from tpserve.model.builder import GPTModelConfig
 from tpserve.model.checkpoint.format import CheckpointError
 from tpserve.model.checkpoint.pickle_files import load_pickle
+from tpserve.model.pipeline_split import pipeline_layer_ranges
 
 _FILE_NAMES = ("model_optim_rng.pt", "model_rng.pt")
 # Legacy layer names -> Megatron-Core names; how each is split across ranks (dim, or None).
@@ -67,26 +69,83 @@ def is_legacy(folder: Path) -> bool:
     return (folder / "mp_rank_00").is_dir() or (folder / "mp_rank_00_000").is_dir()
 
 
-def read_rank_files(folder: Path, allow_pickle: bool) -> list[dict[str, Any]]:
-    """Every TP rank's state dict, in rank order (memory-mapped)."""
-    if (folder / "mp_rank_00_000").is_dir():
-        raise CheckpointError(f"{folder}: pipeline-parallel checkpoints (mp_rank_XX_YYY) are not supported yet")
-    ranks = sorted(p for p in folder.glob("mp_rank_[0-9][0-9]") if p.is_dir())
-    states = []
-    for rank, sub in enumerate(ranks):
-        if sub.name != f"mp_rank_{rank:02d}":
-            raise CheckpointError(f"{folder}: mp_rank_{rank:02d} is missing (found {[p.name for p in ranks]})")
-        file = next((sub / n for n in _FILE_NAMES if (sub / n).is_file()), None)
-        if file is None:
-            raise CheckpointError(f"{sub}: none of {list(_FILE_NAMES)} is there")
-        states.append(load_pickle(file, allow_pickle))
-    args = states[0].get("args")
-    tp = getattr(args, "tensor_model_parallel_size", None) if args is not None else None
-    if tp is not None and tp != len(states):
+def _load_rank_file(sub: Path, allow_pickle: bool) -> dict[str, Any]:
+    file = next((sub / n for n in _FILE_NAMES if (sub / n).is_file()), None)
+    if file is None:
+        raise CheckpointError(f"{sub}: none of {list(_FILE_NAMES)} is there")
+    state = load_pickle(file, allow_pickle)
+    if "model" not in state and "model0" in state:
         raise CheckpointError(
-            f"{folder}: the args say tensor_model_parallel_size={tp} but there are {len(states)} mp_rank_XX folders"
+            f"{file}: saved with a virtual pipeline (model0, model1, ...), which tpserve does not convert; "
+            f"re-save without --num-layers-per-virtual-pipeline-stage"
         )
+    return state
+
+
+def read_rank_files(folder: Path, allow_pickle: bool) -> list[dict[str, Any]]:
+    """Every TP rank's state dict, in rank order (memory-mapped); a pipeline-parallel save's
+    stages (mp_rank_XX_YYY) joined into one state dict per TP rank."""
+    names = {p.name for p in folder.iterdir() if p.is_dir()}
+    pp = sum(1 for n in names if re.fullmatch(r"mp_rank_00_\d{3}", n)) or None
+    tp = sum(1 for n in names if re.fullmatch(r"mp_rank_\d{2}" + (r"_000" if pp else ""), n))
+    states = []
+    for rank in range(tp):
+        subs = [folder / f"mp_rank_{rank:02d}"] if pp is None else [
+            folder / f"mp_rank_{rank:02d}_{stage:03d}" for stage in range(pp)]
+        missing = [s.name for s in subs if s.name not in names]
+        if missing:
+            raise CheckpointError(f"{folder}: {', '.join(missing)} missing (found {sorted(names)})")
+        stages = [_load_rank_file(sub, allow_pickle) for sub in subs]
+        states.append(stages[0] if pp is None else _join_stages(stages, subs))
+    args = states[0].get("args") if states else None
+    for name, found in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp or 1)):
+        said = getattr(args, name, None) if args is not None else None
+        if said is not None and said != found:
+            raise CheckpointError(f"{folder}: the args say {name}={said} but the folders say {found}")
     return states
+
+
+def _join_stages(stages: list[dict], subs: list[Path]) -> dict[str, Any]:
+    """One TP rank's pipeline stages as one state dict. Each stage numbers its layers from 0, so
+    stage p's are offset by the layer counts of the stages before it (Megatron's split, uneven
+    first or last stage included); the embedding comes from the first stage, the final norm and
+    output layer from the last. The last stage's `word_embeddings_for_head` is its copy of the
+    tied embedding, equal to the first stage's, so it is not needed."""
+    transformers = []
+    for state, sub in zip(stages, subs):
+        lm = state.get("model", {}).get("language_model")
+        transformer = None if lm is None else lm.get("transformer", lm.get("encoder"))
+        if transformer is None:
+            raise CheckpointError(f"{sub}: no model.language_model.encoder (not a Megatron-LM GPT checkpoint?)")
+        transformers.append(transformer)
+    counts = [len({m.group(1) for k in t if (m := _LAYER_KEY.match(k))}) for t in transformers]
+    args = stages[0].get("args")
+    if args is not None and getattr(args, "num_layers", None) is not None:
+        try:
+            expected = [len(r) for r in pipeline_layer_ranges(
+                args.num_layers, len(stages), getattr(args, "decoder_first_pipeline_num_layers", None),
+                getattr(args, "decoder_last_pipeline_num_layers", None))]
+        except ValueError as e:
+            raise CheckpointError(f"{subs[0].parent}: {e}") from None
+        if counts != expected:
+            raise CheckpointError(
+                f"{subs[0].parent}: the stages hold {counts} layers but num_layers={args.num_layers} "
+                f"splits into {expected} over {len(stages)} pipeline stages"
+            )
+    joined: dict[str, Any] = {}
+    offset = 0
+    for transformer, count in zip(transformers, counts):
+        for key, value in transformer.items():
+            m = _LAYER_KEY.match(key)
+            joined[f"layers.{int(m.group(1)) + offset}.{m.group(2)}" if m else key] = value
+        offset += count
+    first, last = stages[0]["model"]["language_model"], stages[-1]["model"]["language_model"]
+    language_model = {"encoder": joined}
+    if "embedding" in first:
+        language_model["embedding"] = first["embedding"]
+    if "output_layer" in last:
+        language_model["output_layer"] = last["output_layer"]
+    return {k: v for k, v in stages[0].items() if k != "model"} | {"model": {"language_model": language_model}}
 
 
 def _language_model(state: dict, where: Path) -> tuple[dict, dict, dict | None]:

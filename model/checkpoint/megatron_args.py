@@ -28,6 +28,8 @@ _UNSUPPORTED = {
     "multi_latent_attention": False,
     "apply_query_key_layer_scaling": False,
 }
+# The training's tensor and pipeline sizes say how the files are split, not what the model is:
+# the converters join the parts, and the served sizes are chosen at load time.
 
 
 def read_megatron_args_file(path: str | Path) -> dict[str, Any]:
@@ -55,13 +57,6 @@ def gpt_config_from_megatron_args(
     for name, default in _UNSUPPORTED.items():
         if a.get(name, default) not in (default, None, False):
             raise CheckpointError(f"{where}: {name}={a[name]!r} is not supported by tpserve")
-    if a.get("pipeline_model_parallel_size", 1) not in (1, None):
-        # TODO(pipeline): merge mp_rank_XX_YYY stages; until then, ask for a PP-1 checkpoint.
-        raise CheckpointError(
-            f"{where}: pipeline_model_parallel_size={a['pipeline_model_parallel_size']} checkpoints are not "
-            f"supported; re-save with pipeline_model_parallel_size=1"
-        )
-
     if a.get("swiglu"):
         activation, gated = "silu", True
     elif a.get("openai_gelu") or a.get("bias_gelu_fusion"):

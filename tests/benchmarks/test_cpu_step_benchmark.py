@@ -29,7 +29,9 @@ def test_cpu_step_splits_a_decode_step(tmp_path, monkeypatch, kernels):
     assert result["matmul_gflops_per_step"] == round(2 * 4 * weights / 1e9, 3)
     parts = result["matmul_ms"] + result["attention_ms"] + result["rest_ms"]
     assert abs(parts - result["step_ms"]) <= 0.03 and min(result["matmul_ms"], result["attention_ms"]) > 0
+    # From the exact FLOPs: the reported GFLOP are rounded to 0.001, which for this tiny model is
+    # a third of the value, and the roofline of a slow (or busy) CPU magnifies that.
     assert result["roofline_ms"] == pytest.approx(
-        result["matmul_gflops_per_step"] / result["peak_gemm_gflop_per_s"] * 1e3, rel=0.01, abs=0.01)
+        2 * 4 * weights / 1e9 / result["peak_gemm_gflop_per_s"] * 1e3, rel=0.02, abs=0.01)
     assert (result["kernels"] is None) == (kernels != "auto")
     assert json.loads(out.read_text())["step_ms"] == result["step_ms"]
