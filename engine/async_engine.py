@@ -81,9 +81,11 @@ class AsyncLLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already running")
+        # Compiled here, off the engine thread, which must never wait for a grammar.
+        grammar = await self.compile_grammar(params)
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._send(("add", request_id, prompt, params, token_ids))
+        self._send(("add", request_id, prompt, params, token_ids, grammar))
         finished = False
         try:
             while True:
@@ -98,6 +100,13 @@ class AsyncLLMEngine:
             self._streams.pop(request_id, None)
             if not finished:
                 self.abort(request_id)
+
+    async def compile_grammar(self, params: SamplingParams):
+        """params.structured_outputs compiled (cached), or None without one; ValueError naming the
+        problem when it cannot be compiled in the compiler's time limit."""
+        if params.structured_outputs is None:
+            return None
+        return await self.engine.grammars.compile_async(params.structured_outputs)
 
     def abort(self, request_id: str) -> None:
         self._send(("abort", request_id))
@@ -119,9 +128,9 @@ class AsyncLLMEngine:
             except queue.Empty:
                 return
             if command[0] == "add":
-                _, request_id, prompt, params, token_ids = command
+                _, request_id, prompt, params, token_ids, grammar = command
                 try:
-                    self.engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids)
+                    self.engine.add_request(request_id, prompt, params, prompt_token_ids=token_ids, grammar=grammar)
                 except ValueError as e:
                     self._push(request_id, e)
             elif command[0] == "abort":

@@ -45,6 +45,12 @@ class EngineClient:
         the vocabulary."""
         self._check_params(params)
 
+    async def check_structured_outputs(self, params: SamplingParams) -> None:
+        """ValueError when params.structured_outputs cannot be compiled (a bad schema, regex or
+        grammar, or one that takes too long); compiled, it is cached for `generate`. Awaits the
+        compilation on the compiler's threads, never on the event loop's or the engine's."""
+        await self._engine.compile_grammar(params)
+
     def generate(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str
                  ) -> AsyncIterator[RequestOutput]:
         """The request's deltas (tpserve.engine.outputs), the last one with finished=True.

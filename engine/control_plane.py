@@ -88,16 +88,29 @@ class ControlPlane:
         if self.driver_rank == 0:
             return result if self.rank == 0 else None
         if self.rank == self.driver_rank:
-            data = pickle.dumps(result)
-            dist.send(torch.tensor([len(data)], dtype=torch.int64), dst=0, group=self.group)
-            dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=0, group=self.group)
+            self._send_bytes(pickle.dumps(result), 0)
         elif self.rank == 0:
-            size = torch.empty(1, dtype=torch.int64)
-            dist.recv(size, src=self.driver_rank, group=self.group)
-            data = torch.empty(int(size), dtype=torch.uint8)
-            dist.recv(data, src=self.driver_rank, group=self.group)
-            return pickle.loads(data.numpy().tobytes())
+            return pickle.loads(self._recv_bytes(self.driver_rank))
         return None
+
+    def send_to_driver(self, data: bytes) -> None:
+        """Rank 0 passes the engine's side message for the sampling rank (a structured-output
+        bitmask) on to the driver, when that is another rank."""
+        self._send_bytes(data, self.driver_rank)
+
+    def receive_from_rank0(self) -> bytes:
+        return self._recv_bytes(0)
+
+    def _send_bytes(self, data: bytes, dst: int) -> None:
+        dist.send(torch.tensor([len(data)], dtype=torch.int64), dst=dst, group=self.group)
+        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=dst, group=self.group)
+
+    def _recv_bytes(self, src: int) -> bytes:
+        size = torch.empty(1, dtype=torch.int64)
+        dist.recv(size, src=src, group=self.group)
+        data = torch.empty(int(size), dtype=torch.uint8)
+        dist.recv(data, src=src, group=self.group)
+        return data.numpy().tobytes()
 
     def min_over_ranks(self, value: int) -> int:
         if self.group is None:

@@ -17,8 +17,9 @@ import multiprocessing as mp
 import socket
 import time
 from multiprocessing.connection import wait
+from typing import Callable
 
-from tpserve.engine.protocol import StepPlan, StepResult, WorkerCommand, WorkerConfig
+from tpserve.engine.protocol import StepBitmask, StepPlan, StepResult, WorkerCommand, WorkerConfig
 
 
 class EngineDeadError(RuntimeError):
@@ -63,9 +64,13 @@ class Executor:
         self._conns[0].send((WorkerCommand.INIT_CACHE, str(num_blocks).encode()))
         self._answer(self.step_timeout)
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def execute(self, plan: StepPlan, bitmask: Callable[[], StepBitmask] | None = None) -> StepResult:
+        """Run a step. A plan with `has_bitmask` needs `bitmask`, called once the plan is out (its
+        work overlaps the ranks' forward) and its answer sent to the driver alone, through rank 0."""
         self.check()
         self._conns[0].send((WorkerCommand.STEP, plan.encode()))
+        if plan.has_bitmask:  # rank 0 passes it on to the driver
+            self._conns[0].send((WorkerCommand.BITMASK, bitmask().encode()))
         return self._answer(self.step_timeout)
 
     def _answer(self, timeout: float):

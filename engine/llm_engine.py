@@ -18,8 +18,9 @@ from transformers import AutoTokenizer
 from tpserve.engine.block_manager import BlockManager
 from tpserve.engine.config import EngineConfig
 from tpserve.engine.executor import Executor
+from tpserve.engine.grammar import BitmaskFiller, CompiledGrammar, GrammarCompiler
 from tpserve.engine.outputs import CompletionOutput, RequestOutput
-from tpserve.engine.protocol import StepResult, WorkerConfig
+from tpserve.engine.protocol import StepBitmask, StepResult, WorkerConfig
 from tpserve.engine.request import Request
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.engine.scheduler import Scheduler, SchedulerOutput
@@ -67,6 +68,10 @@ class LLMEngine:
         if info.tokenizer.eos_token_id is not None:
             eos.add(info.tokenizer.eos_token_id)
         self.eos_token_ids = eos
+        # Structured outputs: grammars compiled on their own threads (the tokenizer's tables are
+        # built on the first), masks filled on llguidance's.
+        self.grammars = GrammarCompiler(self.tokenizer, self.vocab_size, sorted(eos))
+        self.bitmasks = BitmaskFiller(self.vocab_size)
         self.executor = Executor(
             WorkerConfig(
                 checkpoint=config.checkpoint,
@@ -154,16 +159,21 @@ class LLMEngine:
         return token_ids
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, prompt_token_ids: list[int] | None = None
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, prompt_token_ids: list[int] | None = None,
+        grammar: CompiledGrammar | None = None,
     ) -> None:
+        """`grammar`: params.structured_outputs compiled (`grammars.compile_async` off this thread);
+        None compiles it here, waiting (ValueError when it cannot be compiled)."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already running")
         token_ids = prompt_token_ids if prompt_token_ids is not None else self.validate(prompt, params)
+        if params.structured_outputs is not None and grammar is None:
+            grammar = self.grammars.compile(params.structured_outputs)
         # Every request gets a seed, so its randomness is stateless (the same tokens in any batch).
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         request = Request(
             request_id, prompt if isinstance(prompt, str) else None, token_ids, params, seed, self.tokenizer,
-            self.eos_token_ids, self.max_model_len,
+            self.eos_token_ids, self.max_model_len, grammar,
         )
         self.requests[request_id] = request
         self.scheduler.add(request.seqs[0])
@@ -201,7 +211,9 @@ class LLMEngine:
         if not output.scheduled:
             return []
         sent = time.perf_counter()
-        result = self.executor.execute(output.plan)
+        constrained = self._constrained(output)
+        output.plan.has_bitmask = bool(constrained)
+        result = self.executor.execute(output.plan, lambda: self._bitmask(constrained))
         returned = time.perf_counter()
         outputs = self._process(output, result)
         end = time.perf_counter()
@@ -209,6 +221,19 @@ class LLMEngine:
         self.step_times.engine_s += (sent - start) + (end - returned)
         self.step_times.total_s += end - start
         return outputs
+
+    def _constrained(self, output: SchedulerOutput) -> list[tuple[int, object]]:
+        """(seq_id, grammar matcher) of each constrained sequence that samples in this step."""
+        found = []
+        for item in output.scheduled:
+            if item.num_samples:
+                matcher = self.requests[item.seq.request_id].matcher(item.seq.sample_index)
+                if matcher is not None:
+                    found.append((item.seq.seq_id, matcher))
+        return found
+
+    def _bitmask(self, constrained: list[tuple[int, object]]) -> StepBitmask:
+        return StepBitmask([seq_id for seq_id, _ in constrained], self.bitmasks.fill([m for _, m in constrained]))
 
     def _process(self, output: SchedulerOutput, result: StepResult) -> list[RequestOutput]:
         if result.prompt_logprobs:
@@ -235,4 +260,5 @@ class LLMEngine:
         return outputs
 
     def shutdown(self) -> None:
+        self.grammars.shutdown()
         self.executor.shutdown()

@@ -9,11 +9,12 @@ newly sampled token and any new block of each sequence.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from tpserve.engine.cuda_graph import CUDAGraphRunner
-from tpserve.engine.protocol import NewSequence, Sample, StepPlan, StepResult
+from tpserve.engine.protocol import NewSequence, Sample, StepBitmask, StepPlan, StepResult
 from tpserve.engine.sampler import Sampler, SamplingBatch
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.model.gpt_model import GPTModel
@@ -96,7 +97,10 @@ class ModelRunner:
             self.kv_cache.buffer[:, :, dst] = self.kv_cache.buffer[:, :, src]
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> StepResult | None:
+    def execute(self, plan: StepPlan, read_bitmask: Callable[[], StepBitmask] | None = None) -> StepResult | None:
+        """Run one step. `read_bitmask` gives the step's structured-output bitmasks, which the
+        driver reads after the forward (the engine computes them meanwhile) when the plan says
+        one follows."""
         self._apply(plan)
         if not plan.seq_ids:
             return StepResult() if self.is_driver else None
@@ -139,11 +143,14 @@ class ModelRunner:
         if prompt_rows:
             self._prompt_logprobs(logits[: len(prompt_rows)].float(), prompt_rows, result)
         if sample_rows:
-            self._sample(logits[len(prompt_rows) :], sample_rows, result)
+            bitmask = read_bitmask() if plan.has_bitmask else None
+            self._sample(logits[len(prompt_rows) :], sample_rows, result, bitmask)
         return result
 
-    def _sample(self, logits: torch.Tensor, rows: list[tuple[int, int, int]], result: StepResult) -> None:
-        """One sampler row per sample: a forking sequence's last row is repeated n times."""
+    def _sample(self, logits: torch.Tensor, rows: list[tuple[int, int, int]], result: StepResult,
+                bitmask: StepBitmask | None) -> None:
+        """One sampler row per sample: a forking sequence's last row (and bitmask) is repeated n times."""
+        allowed = dict(zip(bitmask.seq_ids, bitmask.words)) if bitmask is not None else {}
         repeat, inputs = [], []
         for seq_id, num_samples, _ in rows:
             state = self.sequences[seq_id]
@@ -153,7 +160,8 @@ class ModelRunner:
             prompt, output = (state.token_ids[:n_prompt], state.token_ids[n_prompt:]) if history else ((), ())
             for k in range(num_samples):
                 index = state.sample_index if num_samples == 1 else k
-                inputs.append((state.params, prompt, output, state.seed, index, len(state.token_ids) - n_prompt))
+                inputs.append((state.params, prompt, output, state.seed, index, len(state.token_ids) - n_prompt,
+                               allowed.get(seq_id)))
             repeat.append(num_samples)
         if any(r != 1 for r in repeat):  # a fork: its row is repeated n times
             logits = logits.repeat_interleave(torch.tensor(repeat, device=logits.device), dim=0)  # [samples, V]

@@ -12,8 +12,11 @@ the per-step part, so a decode step costs a few ints per sequence (never a pickl
 and any transport can carry it (a pipe from the engine to rank 0, a torch.distributed broadcast
 from rank 0 to the other ranks, on this node or others).
 
-A later per-step side message to the sampling rank only (a structured-output token bitmask,
-computed after the plan went out) travels beside the plan, keyed by the same sequence ids.
+A per-step side message goes to the sampling rank only: the structured-output token bitmasks
+(`StepBitmask`) of the constrained sequences that sample in this step. The mask of a step needs
+the token the step before sampled, so the plan goes out first, and the engine computes the masks
+while the ranks run the forward; a plan with `has_bitmask` tells the driver to read one before it
+samples.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tpserve.engine.sampling_params import SamplingParams
@@ -34,6 +38,7 @@ from tpserve.engine.sampling_params import SamplingParams
 class WorkerCommand(enum.Enum):
     INIT_CACHE = "init_cache"
     STEP = "step"
+    BITMASK = "bitmask"  # a step's structured-output bitmasks, to the driver only
     SHUTDOWN = "shutdown"
     HEARTBEAT = "heartbeat"  # rank 0 to the others while the engine is idle
 
@@ -109,17 +114,20 @@ class StepPlan:
     appended_tokens: list[list[int]] = field(default_factory=list)
     block_starts: list[int] = field(default_factory=list)
     block_tails: list[list[int]] = field(default_factory=list)
+    # A StepBitmask follows this plan, to the sampling rank only.
+    has_bitmask: bool = False
 
     def encode(self) -> bytes:
         header = json.dumps(
             [
-                [s.seq_id, s.token_ids, s.num_prompt_tokens, s.block_table, dataclasses.asdict(s.params), s.seed,
+                [s.seq_id, s.token_ids, s.num_prompt_tokens, s.block_table, _params_json(s.params), s.seed,
                  s.sample_index]
                 for s in self.new_sequences
             ],
             separators=(",", ":"),
         ).encode() if self.new_sequences else b""
         ints = array("i")
+        ints.append(int(self.has_bitmask))
         ints.append(len(self.dropped_seq_ids))
         ints.extend(self.dropped_seq_ids)
         ints.append(len(self.block_copies))
@@ -155,7 +163,8 @@ class StepPlan:
             pos += n
             return ints[pos - n : pos]
 
-        (n,) = take(1)
+        (has_bitmask, n) = take(2)
+        plan.has_bitmask = bool(has_bitmask)
         plan.dropped_seq_ids = take(n)
         (n,) = take(1)
         copies = take(2 * n)
@@ -172,3 +181,33 @@ class StepPlan:
             plan.block_starts.append(start)
             plan.block_tails.append(take(num_tail))
         return plan
+
+
+def _params_json(params: SamplingParams) -> dict:
+    """The params as the workers need them: without the structured-output constraint, which only
+    the engine's matchers read (a schema can be large, and the plan's size is bounded)."""
+    fields = dataclasses.asdict(params)
+    del fields["structured_outputs"]
+    return fields
+
+
+@dataclass
+class StepBitmask:
+    """The allowed tokens of the constrained sequences sampling in one step: row r of `words`
+    ([k, ceil(V / 32)] int32; bit j % 32 of word j // 32 allows token j) is `seq_ids[r]`'s. A
+    forking sequence's row serves all its samples (they start from the same grammar state)."""
+
+    seq_ids: list[int]
+    words: np.ndarray
+
+    def encode(self) -> bytes:
+        k, w = self.words.shape
+        return struct.pack("<II", k, w) + array("i", self.seq_ids).tobytes() + self.words.astype("<i4").tobytes()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "StepBitmask":
+        k, w = struct.unpack_from("<II", data)
+        ids = array("i")
+        ids.frombytes(data[8 : 8 + 4 * k])
+        words = np.frombuffer(data, dtype="<i4", offset=8 + 4 * k, count=k * w).reshape(k, w)
+        return cls(ids.tolist(), words)

@@ -4,8 +4,13 @@ The scheduler sees only sequences; this object turns their tokens into text (inc
 detokenization) and applies the stop conditions in this order, for each new token:
 
     1. eos (unless ignore_eos) or a stop token id  -> "stop"
-    2. a stop string in the text                   -> "stop", text cut before it (or after it)
-    3. max_tokens, or the model's length reached   -> "length"
+    2. the structured-output grammar is complete   -> "stop"
+    3. a stop string in the text                   -> "stop", text cut before it (or after it)
+    4. max_tokens, or the model's length reached   -> "length"
+
+A constrained request has one grammar matcher per sample, advanced by each token it accepts
+here; the engine reads them for the next step's bitmasks. Preemption keeps a sequence's tokens,
+so its matcher stays where it was.
 
 min_tokens is enforced by the sampler (eos and stop ids are banned until then); stop
 strings are looked for only once min_tokens are out.
@@ -13,14 +18,19 @@ strings are looked for only once min_tokens are out.
 
 from __future__ import annotations
 
+import logging
 import time
 
 from tpserve.engine.detokenizer import IncrementalDetokenizer
+from tpserve.engine.grammar import CompiledGrammar
 from tpserve.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from tpserve.engine.protocol import Sample
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.engine.sequence import FinishReason, Logprob, Sequence
 from tpserve.engine.stop_strings import StopStringMatcher
+
+
+logger = logging.getLogger(__name__)
 
 
 def to_logprob(sample: Sample) -> Logprob:
@@ -38,6 +48,7 @@ class Request:
         tokenizer,
         eos_token_ids: set[int],
         max_model_len: int,
+        grammar: CompiledGrammar | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt = prompt
@@ -58,12 +69,17 @@ class Request:
             StopStringMatcher(params.stop, params.include_stop_str_in_output) if params.stop else None
             for _ in range(params.n)
         ]
+        self.matchers = [grammar.matcher() for _ in range(params.n)] if grammar is not None else None
         # Samples finished (`finish` is called once for each); read every step, so counted, not scanned.
         self.num_finished = 0
         self.prompt_logprobs: list[Logprob | None] | None = (
             [None] * len(prompt_token_ids) if params.prompt_logprobs is not None else None
         )
         self.prompt_logprobs_sent = False
+
+    def matcher(self, sample_index: int):
+        """Sample `sample_index`'s grammar matcher; None for an unconstrained request."""
+        return self.matchers[sample_index] if self.matchers is not None else None
 
     @property
     def finished(self) -> bool:
@@ -88,6 +104,14 @@ class Request:
             reason = FinishReason.STOP
         elif params.stop_token_ids and sample.token_id in params.stop_token_ids:
             reason, seq.stop_reason = FinishReason.STOP, sample.token_id
+        if self.matchers is not None:
+            matcher = self.matchers[i]
+            if not matcher.consume_token(sample.token_id):  # the mask allowed it: a bug, not the model's doing
+                logger.error("request %r: token %d broke its grammar: %s", self.request_id, sample.token_id,
+                             matcher.get_error())
+                reason = FinishReason.ABORT
+            elif reason is None and matcher.is_stopped():
+                reason = FinishReason.STOP
         at_length = (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or (
             seq.num_tokens >= self.max_model_len
         )

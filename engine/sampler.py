@@ -4,7 +4,8 @@ All rows are processed together as [b, V] tensors; rows differ only through per-
 tensors, so nothing loops over rows on the device and nothing waits for the device per row.
 The order, per row (as vLLM and Hugging Face apply them):
 
-    logits -> + logit_bias -> min_tokens ban (eos, stop ids: -inf) -> repetition penalty
+    logits -> structured-output bitmask (disallowed tokens: -inf)
+           -> + logit_bias -> min_tokens ban (eos, stop ids: -inf) -> repetition penalty
            -> presence/frequency penalties                      = "penalized"
            -> logprobs reported = log_softmax(penalized)           (see below)
            -> greedy rows (temperature 0): argmax(penalized)
@@ -26,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NamedTuple, Sequence
 
+import numpy as np
 import torch
 
 from tpserve.engine.sampling_params import SamplingParams
@@ -47,6 +49,8 @@ class SamplingRow(NamedTuple):
     seed: int  # always set: the engine draws one for unseeded requests
     sample_index: int  # which of the request's n samples
     output_position: int  # the number of output tokens so far: which output token this row draws
+    # The row's structured-output bitmask ([ceil(V / 32)] int32, bit j allows token j); None: unconstrained.
+    allowed: np.ndarray | None = None
 
 
 @dataclass
@@ -71,6 +75,9 @@ class SamplingBatch:
     bias_token_ids: torch.Tensor | None  # [b, L]
     bias_values: torch.Tensor | None  # [b, L] float32
     banned_token_ids: torch.Tensor | None  # [b, L] eos and stop ids of rows short of min_tokens
+    # Structured outputs: the constrained rows and their bitmasks; None when no row is constrained.
+    bitmask_rows: torch.Tensor | None  # [k] int64
+    bitmask: torch.Tensor | None  # [k, ceil(V / 32)] int32
     # Host-side facts.
     all_greedy: bool
     any_greedy: bool
@@ -110,7 +117,8 @@ class SamplingBatch:
             bias_ids.append(list(bias))
             bias_values.append(list(bias.values()))
             ban = []
-            if row.output_position < p.min_tokens:
+            # A grammar decides where a constrained output ends: banning eos could leave no token allowed.
+            if row.output_position < p.min_tokens and row.allowed is None:
                 ban = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
             banned.append(ban)
             for token_id in bias_ids[-1] + ban:
@@ -120,6 +128,7 @@ class SamplingBatch:
         f = _to_device(torch.tensor(floats, dtype=torch.float32).reshape(-1, 6).T.contiguous(), device)  # [6, b]
         i = _to_device(torch.tensor(ints, dtype=torch.int64).reshape(-1, 6).T.contiguous(), device)  # [6, b]
         greedy = [row[0] for row in ints]
+        masked = [r for r, row in enumerate(rows) if row.allowed is not None]
         top_ks = [row[1] for row in ints if row[1] < V]
         return cls(
             vocab_size=V,
@@ -137,6 +146,9 @@ class SamplingBatch:
             bias_token_ids=_padded(bias_ids, V, torch.int64, device),
             bias_values=_padded(bias_values, 0.0, torch.float32, device),
             banned_token_ids=_padded(banned, V, torch.int64, device),
+            bitmask_rows=_to_device(torch.tensor(masked, dtype=torch.int64), device) if masked else None,
+            bitmask=_to_device(torch.from_numpy(np.stack([rows[r].allowed for r in masked])), device)
+            if masked else None,
             all_greedy=all(greedy),
             any_greedy=any(greedy),
             max_top_k=max(top_ks, default=0),
@@ -186,6 +198,8 @@ class Sampler:
         is written twice with the same value, so duplicates are harmless.
         """
         V = batch.vocab_size
+        if batch.bitmask is not None:
+            logits = apply_bitmask(logits, batch.bitmask_rows, batch.bitmask)  # a float32 copy
         lists = (batch.bias_token_ids, batch.banned_token_ids, batch.seen_token_ids, batch.output_token_ids)
         if all(ids is None for ids in lists):
             return logits.float()
@@ -241,6 +255,24 @@ class Sampler:
             floor = batch.min_p[:, None] * probs.amax(dim=-1, keepdim=True)  # [b, 1]
             logits = logits.masked_fill(probs < floor, inf)
         return logits
+
+
+def apply_bitmask(logits: torch.Tensor, rows: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """A float32 copy of logits [b, V] where rows[r]'s tokens that words[r] disallows are -inf.
+
+    words [k, W] int32 holds bit j % 32 of word j // 32 for token j; read as little-endian bytes,
+    that is bit j % 8 of byte j // 8, so one lookup of each byte in a [256, 8] table unpacks it.
+    Tokens past 32 W (a model vocabulary larger than the grammar's) are disallowed.
+    """
+    b, V = logits.shape
+    k = words.shape[0]
+    table = (torch.arange(256, device=words.device)[:, None] >> torch.arange(8, device=words.device)) & 1  # [256, 8]
+    allowed = table.bool()[words.contiguous().view(torch.uint8).long()].reshape(k, -1)  # [k, 32 W]
+    if allowed.shape[1] < V:
+        allowed = torch.nn.functional.pad(allowed, (0, V - allowed.shape[1]), value=False)
+    out = logits.float().clone()  # .float() alone may return logits itself
+    out[rows] = out[rows].masked_fill(~allowed[:, :V], float("-inf"))
+    return out
 
 
 def gather_logprobs(

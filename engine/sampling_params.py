@@ -9,7 +9,9 @@ in `logit_bias`).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+from tpserve.engine.structured_outputs import StructuredOutputsParams
 
 # OpenAI's cap on top logprobs per position; vLLM's default max_logprobs is the same.
 MAX_LOGPROBS = 20
@@ -38,6 +40,8 @@ class SamplingParams:
     logprobs: int | None = None  # top-n logprobs per sampled token; 0 = the sampled token's only
     prompt_logprobs: int | None = None  # the same for every prompt token
     skip_special_tokens: bool = True
+    # The output must follow this JSON schema, regex, choice or grammar (engine/grammar.py).
+    structured_outputs: StructuredOutputsParams | None = None
 
     def __post_init__(self) -> None:
         _int(self, "n", low=1)
@@ -69,6 +73,12 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _int(self, name, low=0, high=MAX_LOGPROBS)
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = _structured_outputs(self.structured_outputs)
+        _check(
+            self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
+            f"structured_outputs={self.structured_outputs!r} must be a StructuredOutputsParams",
+        )
 
     @property
     def penalizes_history(self) -> bool:
@@ -133,6 +143,13 @@ def _logit_bias(bias: object) -> dict[int, float]:
         )
         out[token_id] = float(value)
     return out
+
+
+def _structured_outputs(given: dict) -> StructuredOutputsParams:
+    known = {f.name for f in fields(StructuredOutputsParams)}
+    unknown = sorted(set(given) - known)
+    _check(not unknown, f"structured_outputs: unknown fields {unknown}; known: {sorted(known)}")
+    return StructuredOutputsParams(**given)
 
 
 def _stop_strings(stop: object) -> list[str]:

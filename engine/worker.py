@@ -4,7 +4,9 @@ stage's KV cache, runs steps.
     start ─> join the group ─> (rank 0's WorkerConfig to all) ─> load this rank's slices ─>
           measure memory ─> rank 0 sends READY(the fewest blocks any rank can hold)
           <─ INIT_CACHE(num_blocks) ─> allocate the cache ─> rank 0 sends READY
-          <─ STEP(plan bytes) ... rank 0 answers each with the driver's sampled tokens
+          <─ STEP(plan bytes) ... rank 0 answers each with the driver's sampled tokens; when the
+             plan says so, a BITMASK(bytes) follows it, which the driver reads after its forward,
+             before sampling (from the pipe when it is rank 0, else passed on by rank 0)
           <─ SHUTDOWN
 Only rank 0 talks to the engine (a pipe); every command reaches the others by broadcast
 (engine/control_plane.py), so a rank on another node, started by torchrun, runs the same loop as
@@ -26,7 +28,7 @@ import torch.distributed as dist
 from tpserve.engine.control_plane import ControlPlane
 from tpserve.engine.cuda_graph import cuda_graph_batch_sizes
 from tpserve.engine.model_runner import ModelRunner
-from tpserve.engine.protocol import StepPlan, WorkerCommand, WorkerConfig
+from tpserve.engine.protocol import StepBitmask, StepPlan, WorkerCommand, WorkerConfig
 from tpserve.kernels.cpu_linear import LinearKernels
 from tpserve.kernels.cpu_tuning import tune_linears
 from tpserve.model.checkpoint import load_model
@@ -201,9 +203,22 @@ def _serve(start: RankStart, config: WorkerConfig | None, conn) -> None:
                 conn.send(("ready", None))
             continue
         assert command == WorkerCommand.STEP and runner is not None, command
-        result = control.result_to_rank0(runner.execute(StepPlan.decode(payload)))
+        plan = StepPlan.decode(payload)
+        result = runner.execute(plan, lambda: StepBitmask.decode(_bitmask_bytes(control, conn)))
+        if plan.has_bitmask and conn is not None and not runner.is_driver:
+            control.send_to_driver(_bitmask_bytes(control, conn))  # computed while the stages ran
+        result = control.result_to_rank0(result)
         if conn is not None:
             conn.send(("ok", result))
+
+
+def _bitmask_bytes(control: ControlPlane, conn) -> bytes:
+    """The step's bitmask: from the engine's pipe on rank 0, from rank 0 on a driver elsewhere."""
+    if conn is None:
+        return control.receive_from_rank0()
+    command, payload = conn.recv()
+    assert command == WorkerCommand.BITMASK, command
+    return payload
 
 
 def _runner(config: WorkerConfig, model: GPTModel, num_blocks: int, ps: ParallelState,

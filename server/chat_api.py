@@ -15,7 +15,7 @@ from tpserve.engine.outputs import RequestOutput
 from tpserve.engine.sequence import Logprob
 from tpserve.server.errors import bad_request
 from tpserve.server.openai_api import OpenAIJob, TokenText, finite, runner_of, usage
-from tpserve.server.params import resolve_max_tokens, sampling_params, tokenize
+from tpserve.server.params import compile_structured_outputs, resolve_max_tokens, sampling_params, tokenize
 from tpserve.server.protocol import ChatCompletionRequest
 from tpserve.server.runner import Runner
 from tpserve.server.stream_state import StreamState
@@ -124,6 +124,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     runner = runner_of(request)
     runner.check_available()
     job = _ChatJob(body, runner, request.state.request_id, request.app.state.token_text)
+    await compile_structured_outputs(runner.client, body, [job.params])
     if body.stream:
         outputs = runner.stream(job.id, [job.prompt_ids], [job.params], job.state)
         return await event_stream(outputs, job.render, job.end)

@@ -2,6 +2,9 @@
 
     {"prompt": "Hello", "max_tokens": 32, "temperature": 0, "stream": true, ...}
 
+Structured outputs as on the OpenAI routes: `response_format` or `structured_outputs`
+(`{"json": schema}`, `{"regex": ...}`, `{"choice": [...]}`, `{"grammar": ...}`).
+
 Not streamed, the answer holds every sample whole:
 
     {"id": ..., "outputs": [{"index", "text", "token_ids", "finish_reason", "stop_reason",
@@ -27,7 +30,7 @@ from fastapi import APIRouter, Request
 from tpserve.engine.outputs import RequestOutput
 from tpserve.engine.sequence import Logprob
 from tpserve.server.openai_api import finite, runner_of, usage
-from tpserve.server.params import resolve_max_tokens, sampling_params, tokenize
+from tpserve.server.params import compile_structured_outputs, resolve_max_tokens, sampling_params, tokenize
 from tpserve.server.protocol import GenerateRequest
 from tpserve.server.stream_state import StreamState
 from tpserve.server.streaming import event_stream, sse
@@ -53,6 +56,7 @@ async def generate(body: GenerateRequest, request: Request):
         body, resolve_max_tokens(len(prompt_ids), body.max_tokens, client.max_model_len), client,
         logprobs=body.logprobs, prompt_logprobs=body.prompt_logprobs,
     )
+    await compile_structured_outputs(client, body, [params])
     if not body.stream:
         (out,) = await runner.final(request_id, [prompt_ids], [params], request.is_disconnected)
         return {

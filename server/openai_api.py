@@ -15,7 +15,6 @@ from fastapi import APIRouter, Request
 
 from tpserve.engine.outputs import RequestOutput
 from tpserve.server.errors import APIError, bad_request
-from tpserve.server.params import refuse_response_format
 from tpserve.server.runner import Runner
 from tpserve.server.streaming import sse
 
@@ -47,7 +46,6 @@ class OpenAIJob:
     def __init__(self, body, runner: Runner, request_id: str, text: "TokenText", id_prefix: str,
                  chunk_object: str) -> None:
         check_model(runner, body.model)
-        refuse_response_format(body.response_format)
         if body.stream_options is not None and not body.stream:
             raise bad_request("stream_options is only allowed with stream=true", param="stream_options")
         self.body, self.runner, self.text = body, runner, text

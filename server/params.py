@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from tpserve.engine.client import EngineClient
 from tpserve.engine.sampling_params import SamplingParams
-from tpserve.server.errors import APIError, bad_request
+from tpserve.engine.structured_outputs import StructuredOutputsParams
+from tpserve.server.errors import bad_request
 from tpserve.server.protocol import SamplingFields
 
 # Fields of SamplingFields handed to SamplingParams as they are, when set.
@@ -59,9 +60,11 @@ def sampling_params(
         kwargs["logit_bias"] = body.logit_bias
     if body.n > client.max_num_seqs:  # named as the flag a server's operator sets
         raise bad_request(f"n={body.n} exceeds the server's --max-num-seqs={client.max_num_seqs}", param="n")
+    constraint = structured_outputs(body)
     try:
         params = SamplingParams(
             **kwargs, max_tokens=max_tokens, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            structured_outputs=constraint,
         )
         client.check_params(params)
     except ValueError as e:
@@ -69,10 +72,41 @@ def sampling_params(
     return params
 
 
-def refuse_response_format(response_format) -> None:
-    if response_format is not None and response_format.type != "text":
-        raise APIError(
-            400, f"response_format type {response_format.type!r} is not supported: tpserve has no constrained "
-            "(JSON) decoding yet. Leave response_format out, or use {\"type\": \"text\"}.",
-            param="response_format", code="unsupported_response_format",
-        )
+def constraint_param(body: SamplingFields) -> str:
+    """The request field a structured-output error names."""
+    return "response_format" if body.response_format is not None else "structured_outputs"
+
+
+def structured_outputs(body: SamplingFields) -> StructuredOutputsParams | None:
+    """The request's output constraint: OpenAI's response_format or vLLM's structured_outputs
+    (one of them; response_format "text" is none). Checked for shape here, compiled later."""
+    fmt, extra = body.response_format, body.structured_outputs
+    if fmt is not None and fmt.type != "text" and extra is not None:
+        raise bad_request("give response_format or structured_outputs, not both", param="structured_outputs")
+    try:
+        if extra is not None:
+            return StructuredOutputsParams(json=extra.json_, json_object=bool(extra.json_object), regex=extra.regex,
+                                           choice=extra.choice, grammar=extra.grammar)
+        if fmt is None or fmt.type == "text":
+            return None
+        if fmt.type == "json_object":
+            return StructuredOutputsParams(json_object=True)
+        if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+            raise bad_request('response_format type "json_schema" needs json_schema: {"name": ..., "schema": {...}}',
+                              param="response_format")
+        return StructuredOutputsParams(json=fmt.json_schema.schema_)
+    except ValueError as e:
+        raise bad_request(str(e), param=constraint_param(body)) from None
+
+
+async def compile_structured_outputs(client: EngineClient, body: SamplingFields, params: list[SamplingParams]) -> None:
+    """400 naming the problem when a constraint cannot be compiled (a bad schema, regex or
+    grammar, or one over the compiler's time limit). Awaited off the event loop's thread; the
+    compiled grammar is cached for the engine."""
+    for p in params:
+        if p.structured_outputs is not None:
+            try:
+                await client.check_structured_outputs(p)
+            except ValueError as e:
+                raise bad_request(str(e), param=constraint_param(body)) from None
+            return  # every prompt of a request has the same constraint

@@ -35,7 +35,7 @@ def run(engine: LLMEngine, requests: list[tuple[list[int], SamplingParams]], per
     whole outputs, folded from the engine's deltas."""
     if plans is not None:
         execute = engine.executor.execute
-        engine.executor.execute = lambda plan: (plans.append(plan), execute(plan))[1]
+        engine.executor.execute = lambda plan, bitmask=None: (plans.append(plan), execute(plan, bitmask))[1]
     pending = [(f"r{i}", p, sp) for i, (p, sp) in enumerate(requests)]
     done = {}
     try:
@@ -147,7 +147,7 @@ def test_n_samples_share_the_prompt_blocks_and_copy_the_partial_one(engine):
     engine.add_request("fork", prompt, SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True))
     plans: list[StepPlan] = []
     execute = engine.executor.execute
-    engine.executor.execute = lambda plan: (plans.append(plan), execute(plan))[1]
+    engine.executor.execute = lambda plan, bitmask=None: (plans.append(plan), execute(plan, bitmask))[1]
     try:
         deltas = engine.step()  # the prompt, and 3 samples drawn from its last row
         assert plans[-1].num_samples == [3]
@@ -178,8 +178,9 @@ def test_step_plan_of_a_decode_step_is_a_few_ints_per_sequence(engine):
     assert decode
     for plan in decode:
         b = len(plan.seq_ids)
-        # 4 header ints, then per sequence: id, computed, scheduled, samples, 1 token, start, tail
-        assert len(plan.encode()) <= 4 + 4 * (3 + 9 * b + len(plan.dropped_seq_ids))
+        # 5 header ints (header length, has_bitmask, dropped, copies, sequences), then per
+        # sequence: id, computed, scheduled, samples, 1 token, start, tail
+        assert len(plan.encode()) <= 4 + 4 * (4 + 9 * b + len(plan.dropped_seq_ids))
         assert StepPlan.decode(plan.encode()) == plan
 
 

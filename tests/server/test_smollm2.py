@@ -47,3 +47,70 @@ def test_default_model_chat_and_completions_equal_the_llm_api(smollm2_server, ca
     assert chat.usage.prompt_tokens == len(ids)
     streamed = "".join(c.choices[0].text for c in completion_chunks)
     assert streamed == want_completion.outputs[0].text
+
+
+# Nested objects, arrays, enums, required fields, string patterns and number ranges.
+PERSON_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "pattern": "^[A-Z][a-z]+ [A-Z][a-z]+$"},
+        "age": {"type": "integer", "minimum": 18, "maximum": 99},
+        "score": {"type": "number", "minimum": 0, "maximum": 10},
+        "role": {"enum": ["admin", "editor", "viewer"]},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 24},
+                           "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+            "required": ["city", "zip"],
+            "additionalProperties": False,
+        },
+        "skills": {"type": "array", "items": {"type": "string", "maxLength": 20}, "minItems": 1, "maxItems": 3},
+    },
+    "required": ["name", "age", "role", "address", "skills"],
+    "additionalProperties": False,
+}
+PERSON_MESSAGES = [{"role": "user", "content": "Describe a fictional employee as JSON."}]
+
+
+def test_default_model_json_schema_outputs_validate(smollm2_server):
+    import asyncio
+    import json
+
+    import jsonschema_rs
+
+    client = openai.OpenAI(base_url=smollm2_server.url + "/v1", api_key="none", max_retries=0, timeout=300)
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON_SCHEMA, "strict": True}}
+    texts = []
+    for temperature in (0.0, 0.8):
+        out = client.chat.completions.create(model="smollm2", messages=PERSON_MESSAGES, max_tokens=160, n=3,
+                                             temperature=temperature, seed=3, response_format=fmt)
+        texts += [c.message.content for c in out.choices]
+        chunks = list(client.chat.completions.create(model="smollm2", messages=PERSON_MESSAGES, max_tokens=160,
+                                                     temperature=temperature, seed=4, response_format=fmt,
+                                                     stream=True))
+        texts.append("".join(c.choices[0].delta.content or "" for c in chunks if c.choices))
+    for text in texts:
+        jsonschema_rs.validate(PERSON_SCHEMA, json.loads(text))
+
+    # Among unconstrained requests, which must come out as they do alone.
+    prompts = [f"Count from {i} to {i + 5}:" for i in range(8)]
+
+    async def run() -> tuple[list[str], list]:
+        aclient = openai.AsyncOpenAI(base_url=smollm2_server.url + "/v1", api_key="none", max_retries=0,
+                                     timeout=300)
+
+        async def free(prompt):
+            out = await aclient.completions.create(model="smollm2", prompt=prompt, max_tokens=8, temperature=0)
+            return out.choices[0].text
+
+        alone = [await free(p) for p in prompts]
+        constrained = aclient.chat.completions.create(model="smollm2", messages=PERSON_MESSAGES, max_tokens=160,
+                                                      temperature=0.8, seed=5, n=3, response_format=fmt)
+        mixed = await asyncio.gather(constrained, *[free(p) for p in prompts])
+        await aclient.close()
+        return alone, mixed
+
+    alone, mixed = asyncio.run(run())
+    assert mixed[1:] == alone
+    for choice in mixed[0].choices:
+        jsonschema_rs.validate(PERSON_SCHEMA, json.loads(choice.message.content))
