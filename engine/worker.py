@@ -132,13 +132,19 @@ class RankStart:
                    timedelta(seconds=config.distributed_timeout))
 
 
+def _leave_shutdown_to_rank0() -> None:
+    """The server process owns shutdown. A Ctrl-C reaches the whole process group, and so does a
+    SIGTERM from torchrun, systemd or `docker stop`; a rank ended by it would fail the requests
+    the server is still draining. A rank stops on rank 0's SHUTDOWN, on SIGKILL (the executor's,
+    or torchrun's when its grace runs out), or when its pipe or its group's connections break."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def worker_main(rank: int, config: WorkerConfig, conn) -> None:
     """A rank the executor spawned. `conn`: rank 0's two-way pipe to the engine; for the others,
     only the way their error reaches it."""
-    # The server process owns shutdown. A Ctrl-C reaches the whole process group, and a rank
-    # killed by it would fail the requests the server is still draining; a worker stops on
-    # SHUTDOWN, on the executor's SIGTERM/SIGKILL, or on EOF once the server process is gone.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _leave_shutdown_to_rank0()
     try:
         _serve(RankStart.spawned(rank, config), config, conn if rank == 0 else None)
     except BaseException as e:
@@ -152,6 +158,7 @@ def worker_main(rank: int, config: WorkerConfig, conn) -> None:
 def headless_main(start: RankStart) -> int:
     """A rank torchrun started that is not global rank 0: it waits for rank 0's commands, with no
     engine of its own. Returns the exit code: 0 after SHUTDOWN, 1 after an error."""
+    _leave_shutdown_to_rank0()
     try:
         _serve(start, None, None)
     except BaseException:

@@ -198,3 +198,20 @@ def test_mask_comes_first_and_disallowed_logprobs_are_minus_inf():
     sampled = SamplingBatch.build([(SamplingParams(temperature=1.0), [], [], s, 0, 0, words[0]) for s in range(20)],
                                   V, eos_token_ids=[], device="cpu")
     assert set(Sampler()(logits[[1] * 20], sampled).token_ids.tolist()) <= set(allowed)
+
+
+@pytest.mark.slow
+def test_the_mask_reaches_a_driver_on_another_stage(random_ckpt):
+    """At PP 2 the sampling rank is the second stage's: the bitmask goes from the engine to rank 0
+    with the plan and from there over torch.distributed, and the outputs must still validate."""
+    e = make_engine(random_ckpt[0], max_model_len=256, pipeline_parallel_size=2)
+    try:
+        spec = StructuredOutputsParams(json=PERSON)
+        requests = [(p, constrained(spec, temperature=0.0)) for p in PROMPTS]
+        requests += [(PROMPTS[0], constrained(spec, temperature=1.0, seed=7, n=2))]
+        for out in run(e, requests):
+            for o in out.outputs:
+                assert o.finish_reason == "stop", o
+                jsonschema_rs.validate(PERSON, json.loads(o.text))
+    finally:
+        e.shutdown()

@@ -125,6 +125,24 @@ def test_an_idle_server_outlives_the_collective_timeout(nodes, reference):
     assert all(p.poll() is None for p in nodes.procs)
 
 
+def test_sigterm_to_rank0_drains_then_stops_every_node(tiny_ckpt, tmp_path):
+    """The way an orchestrator stops a server: SIGTERM to rank 0's process. The stream in flight
+    finishes, then rank 0 tells node 1's rank to shut down, and both torchruns exit 0."""
+    nodes = TwoNodes(tiny_ckpt, tmp_path)
+    try:
+        body = {"model": "tiny", "prompt": "Once", "max_tokens": 100, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", nodes.url + "/v1/completions", json=body, timeout=60) as response:
+            lines = (line for line in response.iter_lines() if line.startswith("data: "))
+            events = [next(lines)]
+            os.kill(nodes.rank_process(0), signal.SIGTERM)
+            events += list(lines)
+        assert events[-1] == "data: [DONE]"
+        assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length", events[-2]
+        assert [proc.wait(timeout=30) for proc in nodes.procs] == [0, 0], nodes.log_text()
+    finally:
+        nodes.stop()
+
+
 def test_a_dead_rank_stops_every_node_and_the_stream_gets_an_error(nodes):
     body = {"model": "tiny", "prompt": "Once", "max_tokens": 100, "ignore_eos": True, "stream": True}
     events = []
@@ -144,7 +162,8 @@ def test_a_dead_rank_stops_every_node_and_the_stream_gets_an_error(nodes):
     assert all(code != 0 for code in codes), (codes, nodes.log_text())
     assert events[-1] == "data: [DONE]"
     error = json.loads(events[-2].removeprefix("data: "))["error"]
-    assert error["code"] == "engine_dead" and "Connection closed by peer" in error["message"], error
+    # gloo's words for a peer gone (closed or reset connection) all point at the remote worker.
+    assert error["code"] == "engine_dead" and "remote worker" in error["message"], error
 
 
 NAMESPACES = ("tpserve-node0", "tpserve-node1")
