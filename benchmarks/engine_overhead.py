@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
               max_num_batched_tokens=max(2048, args.batch * (args.input_len + 1)))
     vocab = llm.engine.vocab_size
     try:
-        def instant_step(plan) -> StepResult:
+        def instant_step(plan, bitmask=None) -> StepResult:  # no constrained request asks for a mask
             return StepResult(samples={s: [Sample(rng.randrange(vocab), None, []) for _ in range(n)]
                                        for s, n in zip(plan.seq_ids, plan.num_samples) if n})
 
