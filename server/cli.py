@@ -220,6 +220,18 @@ def _add_serve(subparsers) -> None:
         help="dtype of weights and KV cache; auto: bfloat16 on a GPU and on a CPU that computes it natively "
              "(AVX512_BF16 or AMX), float32 on other CPUs",
     )
+    model.add_argument(
+        "--chat-template", metavar="FILE",
+        help="a Jinja chat template that replaces the checkpoint's for every chat request (as vLLM's flag). "
+             "Tool calling needs one that renders `tools`; the default model gets tpserve's Hermes-style "
+             "ChatML tool template for requests with tools without this flag",
+    )
+    model.add_argument(
+        "--tool-call-parser", choices=["hermes", "llama3_json"], default="hermes",
+        help="how tool calls are read from the model's text (vLLM's names): hermes, <tool_call>{...}</tool_call> "
+             "blocks (Hermes, Qwen 2.5, tpserve's tool template); llama3_json, the output is the call's JSON "
+             "(default hermes)",
+    )
     _add_engine_flags(model)
     http = p.add_argument_group("HTTP")
     http.add_argument("--host", default="127.0.0.1",
@@ -272,6 +284,7 @@ def _torchrun_rank(parser: argparse.ArgumentParser, engine_config) -> int | None
 def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from pathlib import Path
 
+    from tpserve.server.chat_api import HERMES_TOOL_TEMPLATE
     from tpserve.server.runner import ServerConfig
     from tpserve.server.serve import bind_socket, serve
 
@@ -301,11 +314,20 @@ def _run_serve(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         else:
             checkpoint = Path(args.checkpoint)
         engine_config = dataclasses.replace(engine_config, checkpoint=checkpoint)
+        chat_template = None
+        if args.chat_template is not None:
+            try:
+                chat_template = Path(args.chat_template).read_text()
+            except OSError as e:
+                raise OSError(f"--chat-template {args.chat_template}: {e.strerror or e}") from None
+        # The default model speaks ChatML but its own template knows no tools: tpserve's does.
+        tool_template = HERMES_TOOL_TEMPLATE.read_text() if args.checkpoint is None else None
         server_config = ServerConfig(
             model_name=args.served_model_name or checkpoint.resolve().name, api_key=args.api_key,
             max_queued_requests=args.max_queued_requests, max_request_bytes=args.max_request_bytes,
             request_timeout=args.request_timeout or None, shutdown_timeout=args.shutdown_timeout,
-            ready_timeout=args.ready_timeout,
+            ready_timeout=args.ready_timeout, chat_template=chat_template, tool_chat_template=tool_template,
+            tool_call_parser=args.tool_call_parser,
         )
     except BaseException:
         sock.close()

@@ -42,6 +42,12 @@ class ServerConfig:
     request_timeout: float | None = 600.0
     shutdown_timeout: float = 30.0
     ready_timeout: float = 30.0
+    # --chat-template: replaces the checkpoint's template for every chat request.
+    chat_template: str | None = None
+    # The template for requests with tools when the checkpoint's own cannot render them (the
+    # default model's: tpserve's Hermes-style ChatML tool template).
+    tool_chat_template: str | None = None
+    tool_call_parser: str = "hermes"  # --tool-call-parser, vLLM's names
 
 
 class Runner:
