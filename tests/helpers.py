@@ -216,7 +216,7 @@ def tiny_tokenizer(folder) -> "transformers.PreTrainedTokenizerFast":
     return fast
 
 
-def random_checkpoint(folder, case: str = "llama_gqa", seed: int = 0):
+def random_checkpoint(folder, case: str = "llama_gqa", seed: int = 0, max_position_embeddings: int = 256):
     """A tpserve checkpoint of a small random Hugging Face model with the tiny tokenizer.
     Returns (checkpoint path, the Hugging Face model it was made from)."""
     from pathlib import Path
@@ -225,7 +225,7 @@ def random_checkpoint(folder, case: str = "llama_gqa", seed: int = 0):
 
     folder = Path(folder)
     tokenizer = tiny_tokenizer(folder / "tokenizer")
-    hf_model = random_hf_model(case, seed, vocab_size=len(tokenizer), max_position_embeddings=256)
+    hf_model = random_hf_model(case, seed, vocab_size=len(tokenizer), max_position_embeddings=max_position_embeddings)
     config, state = converted(hf_model)
     path = save_checkpoint(folder / "checkpoint", config, state, tokenizer_dir=folder / "tokenizer", dtype=torch.float32)
     return path, hf_model
