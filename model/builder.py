@@ -118,4 +118,11 @@ class GPTModelBuilder:
                 parallel_state=parallel_state,
                 unpadded_vocab_size=cfg.vocab_size,
             )
+        if torch.device(device).type == "cuda":
+            # GPU decode steps replay CUDA graphs: experts run without reading counts on the host.
+            from tpserve.model.moe import MoELayer
+
+            for module in model.modules():
+                if isinstance(module, MoELayer):
+                    module.dispatch = "dense"
         return model.eval().requires_grad_(False)

@@ -77,6 +77,26 @@ class TransformerConfig:
     # Only causal windows (right == 0) make sense for a decoder.
     window_size: tuple[int, int] | None = None
 
+    # --- mixture of experts (model/moe.py); None: every layer has a dense MLP ---
+    num_moe_experts: int | None = None
+    moe_router_topk: int = 2
+    # Each expert's MLP width; None: ffn_hidden_size.
+    moe_ffn_hidden_size: int | None = None
+    # A shared expert every token goes through (Qwen2-MoE), of this width; None: none.
+    moe_shared_expert_intermediate_size: int | None = None
+    # The shared expert's output times sigmoid(x @ gate_weight^T) (Qwen2-MoE's shared_expert_gate).
+    moe_shared_expert_gate: bool = False
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    # Softmax over all experts, then the top k unrenormalised (Qwen2-MoE norm_topk_prob=False);
+    # False: softmax over the top k logits (Mixtral).
+    moe_router_pre_softmax: bool = False
+    moe_router_topk_scaling_factor: float | None = None
+    # A per-expert bias added to the scores to choose experts, not to weight them.
+    moe_router_enable_expert_bias: bool = False
+    # Which layers are MoE: every N-th (N = 1: all), or a 0/1 entry per layer (Megatron's
+    # pattern: Qwen's decoder_sparse_step and mlp_only_layers, first dense layers).
+    moe_layer_freq: int | list[int] = 1
+
     # --- parallelism and precision ---
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -100,6 +120,8 @@ class TransformerConfig:
             self.kv_channels = self.hidden_size // self.num_attention_heads
         if isinstance(self.window_size, list):
             self.window_size = tuple(self.window_size)
+        if self.num_moe_experts is not None and self.moe_ffn_hidden_size is None:
+            self.moe_ffn_hidden_size = self.ffn_hidden_size
         self._check()
 
     def _check(self) -> None:
@@ -137,6 +159,34 @@ class TransformerConfig:
                 )
         if not callable(self.activation_func):
             raise ValueError(f"activation_func={self.activation_func!r} is not callable")
+        if self.num_moe_experts is not None:
+            self._check_moe()
+
+    def _check_moe(self) -> None:
+        if self.num_moe_experts < 1 or not 1 <= self.moe_router_topk <= self.num_moe_experts:
+            raise ValueError(f"moe_router_topk={self.moe_router_topk} must be in 1..num_moe_experts="
+                             f"{self.num_moe_experts}")
+        if self.moe_router_score_function not in ("softmax", "sigmoid"):
+            raise ValueError(f"moe_router_score_function={self.moe_router_score_function!r} must be 'softmax' or "
+                             f"'sigmoid'")
+        if self.add_bias_linear:
+            raise ValueError("add_bias_linear=True with num_moe_experts: expert biases are not supported")
+        tp = self.tensor_model_parallel_size
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+            value = getattr(self, name)
+            if value is not None and value % tp:
+                raise ValueError(f"{name}={value} is not divisible by tensor_model_parallel_size={tp}; "
+                                 f"choose a tensor-parallel size that divides it")
+        if isinstance(self.moe_layer_freq, list) and len(self.moe_layer_freq) != self.num_layers:
+            raise ValueError(f"moe_layer_freq has {len(self.moe_layer_freq)} entries for num_layers={self.num_layers}")
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """Whether layer `layer_index` (0-based, global) has a MoELayer in place of its MLP."""
+        if self.num_moe_experts is None:
+            return False
+        if isinstance(self.moe_layer_freq, list):
+            return bool(self.moe_layer_freq[layer_index])
+        return layer_index % self.moe_layer_freq == 0
 
     # --- derived sizes (per tensor-parallel rank where it says local) ---
     @property

@@ -16,6 +16,7 @@ from tpserve.model.core_attention import (
     TritonDotProductAttention,
 )
 from tpserve.model.mlp import MLP, MLPSubmodules
+from tpserve.model.moe import MoELayer, MoESubmodules
 from tpserve.model.norm import Norm
 from tpserve.model.spec_utils import ModuleSpec
 from tpserve.model.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
@@ -48,6 +49,8 @@ def local_layer_spec(attention_backend: AttentionBackend) -> ModuleSpec:
             ),
             pre_mlp_layernorm=Norm,
             mlp=ModuleSpec(MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear)),
+            moe=ModuleSpec(MoELayer, submodules=MoESubmodules(
+                experts=MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))),
         ),
     )
 

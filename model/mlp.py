@@ -23,10 +23,13 @@ class MLPSubmodules:
 
 
 class MLP(nn.Module):
-    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, parallel_state: ParallelState) -> None:
+    def __init__(self, config: TransformerConfig, submodules: MLPSubmodules, parallel_state: ParallelState,
+                 ffn_hidden_size: int | None = None, reduce_output: bool = True) -> None:
+        """`ffn_hidden_size`: the width when not config's (an expert's); `reduce_output=False`
+        returns this rank's partial sum, for a MoE layer to all-reduce once."""
         super().__init__()
         self.config = config
-        ffn = config.ffn_hidden_size
+        ffn = ffn_hidden_size or config.ffn_hidden_size
         gated = config.gated_linear_unit
         self.linear_fc1 = build_module(
             submodules.linear_fc1,
@@ -44,6 +47,7 @@ class MLP(nn.Module):
             parallel_state=parallel_state,
             params_dtype=config.params_dtype,
             bias=config.add_bias_linear,
+            reduce_output=reduce_output,
         )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

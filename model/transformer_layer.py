@@ -25,6 +25,8 @@ class TransformerLayerSubmodules:
     self_attention: ModuleSpec | type[nn.Module]
     pre_mlp_layernorm: ModuleSpec | type
     mlp: ModuleSpec | type[nn.Module]
+    # What takes the MLP's place in the layers config.is_moe_layer names (model/moe.py).
+    moe: ModuleSpec | type[nn.Module] | None = None
 
 
 class TransformerLayer(nn.Module):
@@ -42,7 +44,8 @@ class TransformerLayer(nn.Module):
             submodules.self_attention, config, layer_number=layer_number, parallel_state=parallel_state
         )
         self.pre_mlp_layernorm = build_module(submodules.pre_mlp_layernorm, config, config.hidden_size)
-        self.mlp = build_module(submodules.mlp, config, parallel_state=parallel_state)
+        moe = config.is_moe_layer(layer_number - 1) and submodules.moe is not None
+        self.mlp = build_module(submodules.moe if moe else submodules.mlp, config, parallel_state=parallel_state)
 
     def forward(
         self,

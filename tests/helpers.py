@@ -71,7 +71,33 @@ HF_CASES = {
     ),
 }
 
+# Mixtures of experts (tests/model/test_moe.py): 8 experts, top 2 (one case top 1), the router's
+# two softmax orders (Mixtral: over the chosen logits; Qwen2-MoE norm_topk_prob=False: over all),
+# a gated shared expert, and dense and MoE layers interleaved (decoder_sparse_step=2).
+MOE_CASES = {
+    "mixtral": lambda: transformers.MixtralConfig(
+        vocab_size=301, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_local_experts=8, num_experts_per_tok=2,
+    ),
+    "mixtral_top1": lambda: transformers.MixtralConfig(
+        vocab_size=301, hidden_size=64, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_local_experts=8, num_experts_per_tok=1,
+    ),
+    "qwen2_moe": lambda: transformers.Qwen2MoeConfig(
+        vocab_size=301, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=80, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=2,
+    ),
+    "qwen2_moe_norm_topk": lambda: transformers.Qwen2MoeConfig(
+        vocab_size=301, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+        shared_expert_intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=128, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+    ),
+}
+
 _MODEL_CLASSES = {
+    "mixtral": transformers.MixtralForCausalLM,
+    "qwen2_moe": transformers.Qwen2MoeForCausalLM,
     "gpt2": transformers.GPT2LMHeadModel,
     "llama": transformers.LlamaForCausalLM,
     "stablelm": transformers.StableLmForCausalLM,
@@ -82,7 +108,7 @@ _MODEL_CLASSES = {
 
 def random_hf_model(case: str, seed: int = 0, **overrides):
     """A small Hugging Face model with random weights (biases and norms random too), fp32, eager."""
-    hf_config = HF_CASES[case]()
+    hf_config = (HF_CASES | MOE_CASES)[case]()
     for key, value in overrides.items():
         setattr(hf_config, key, value)
     hf_config.initializer_range = INIT_STD

@@ -31,6 +31,8 @@ _ARCHITECTURES = {
 
 def hf_model_type(config: GPTModelConfig) -> str:
     t = config.transformer
+    if t.num_moe_experts is not None:
+        raise ValueError("export to Hugging Face of a mixture-of-experts checkpoint is not supported yet")
     if config.position_embedding_type == "learned_absolute":
         return "gpt2"
     if t.normalization == "LayerNorm":

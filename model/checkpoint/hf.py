@@ -2,7 +2,9 @@
 
 Supported families: GPT-2, and the Llama family with its close relatives (Mistral's sliding
 window, Qwen2's qkv bias, StableLM's partial rotary and LayerNorm), which share Llama's
-parameter names. Full tensors come out in Megatron-Core's full-tensor layout:
+parameter names, and their mixtures of experts (Mixtral; Qwen2-MoE with its shared expert),
+read in the per-expert layout published checkpoints use (`block_sparse_moe.experts.E.w1/w2/w3`,
+`mlp.experts.E.gate_proj/up_proj/down_proj`) or transformers' fused in-memory one. Full tensors come out in Megatron-Core's full-tensor layout:
 
 - `linear_qkv`: rows grouped per query group — that group's query heads, then its key head,
   then its value head — so a contiguous row range is whole groups (one rank's share).
@@ -18,7 +20,7 @@ import torch
 from tpserve.model.builder import GPTModelConfig
 from tpserve.model.config import ACTIVATIONS, TransformerConfig
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "stablelm")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "stablelm", "mixtral", "qwen2_moe")
 SUPPORTED = ("gpt2", *LLAMA_LIKE)
 
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -103,11 +105,11 @@ def _llama_config(hf: Mapping[str, Any], params_dtype: torch.dtype) -> GPTModelC
         raise ValueError(f"{model_type} rope_type={rope['rope_type']!r} is not supported (default, linear)")
 
     window = None
-    if model_type == "mistral" and hf.get("sliding_window"):
+    if model_type in ("mistral", "mixtral") and hf.get("sliding_window"):
         # Hugging Face lets a query see the `sliding_window` latest positions, itself included.
         window = (hf["sliding_window"] - 1, 0)
-    if model_type == "qwen2" and hf.get("use_sliding_window"):
-        raise ValueError("qwen2 use_sliding_window=True applies to some layers only, which is not supported")
+    if model_type in ("qwen2", "qwen2_moe") and hf.get("use_sliding_window"):
+        raise ValueError(f"{model_type} use_sliding_window=True applies to some layers only, which is not supported")
 
     hidden, heads = hf["hidden_size"], hf["num_attention_heads"]
     transformer = TransformerConfig(
@@ -122,9 +124,10 @@ def _llama_config(hf: Mapping[str, Any], params_dtype: torch.dtype) -> GPTModelC
         gated_linear_unit=True,
         activation_func=ACTIVATIONS["silu"],
         add_bias_linear=False,
-        add_qkv_bias=model_type == "qwen2" or bool(hf.get("use_qkv_bias")),
+        add_qkv_bias=model_type in ("qwen2", "qwen2_moe") or bool(hf.get("use_qkv_bias")),
         window_size=window,
         params_dtype=params_dtype,
+        **_moe_fields(hf),
     )
     return GPTModelConfig(
         transformer=transformer,
@@ -137,6 +140,27 @@ def _llama_config(hf: Mapping[str, Any], params_dtype: torch.dtype) -> GPTModelC
         rotary_base=float(rope["rope_theta"]),
         seq_len_interpolation_factor=interpolation,
     )
+
+
+def _moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """TransformerConfig's MoE fields from a Mixtral or Qwen2-MoE config (none for dense models).
+    Router jitter and the auxiliary loss are training settings: inference ignores them, as
+    Megatron's does."""
+    model_type = hf["model_type"]
+    if model_type == "mixtral":
+        # softmax over all experts, top k, renormalised: the softmax of the top-k logits
+        return dict(num_moe_experts=hf["num_local_experts"], moe_router_topk=hf["num_experts_per_tok"],
+                    moe_ffn_hidden_size=hf["intermediate_size"], moe_router_pre_softmax=False)
+    if model_type == "qwen2_moe":
+        layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1)
+        dense = set(hf.get("mlp_only_layers") or ())
+        pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
+        return dict(num_moe_experts=hf["num_experts"], moe_router_topk=hf["num_experts_per_tok"],
+                    moe_ffn_hidden_size=hf["moe_intermediate_size"],
+                    moe_shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or None,
+                    moe_shared_expert_gate=bool(hf.get("shared_expert_intermediate_size")),
+                    moe_router_pre_softmax=not hf.get("norm_topk_prob", False), moe_layer_freq=pattern)
+    return {}
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
@@ -220,9 +244,15 @@ def _from_llama(hf_state: Mapping[str, torch.Tensor], config: GPTModelConfig) ->
             ),
             dst + "self_attention.linear_proj.weight": get(attn + "o_proj.weight"),
             dst + "pre_mlp_layernorm.weight": get(src + "post_attention_layernorm.weight"),
-            dst + "mlp.linear_fc1.weight": torch.cat((get(src + "mlp.gate_proj.weight"), get(src + "mlp.up_proj.weight"))),
-            dst + "mlp.linear_fc2.weight": get(src + "mlp.down_proj.weight"),
         }
+        if tc.is_moe_layer(i):
+            out |= _moe_layer(hf_state, src, dst + "mlp.", tc)
+        else:
+            out |= {
+                dst + "mlp.linear_fc1.weight": torch.cat((get(src + "mlp.gate_proj.weight"),
+                                                          get(src + "mlp.up_proj.weight"))),
+                dst + "mlp.linear_fc2.weight": get(src + "mlp.down_proj.weight"),
+            }
         if layer_norm:
             out[dst + "input_layernorm.bias"] = get(src + "input_layernorm.bias")
             out[dst + "pre_mlp_layernorm.bias"] = get(src + "post_attention_layernorm.bias")
@@ -233,3 +263,33 @@ def _from_llama(hf_state: Mapping[str, torch.Tensor], config: GPTModelConfig) ->
     if not config.share_embeddings_and_output_weights:
         out["output_layer.weight"] = get("lm_head.weight")
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _moe_layer(hf_state: Mapping[str, torch.Tensor], src: str, dst: str, tc: TransformerConfig
+               ) -> dict[str, torch.Tensor]:
+    """A MoE layer's router, experts (fc1 = [gate; up]) and shared expert, Megatron-Core's names."""
+    get = lambda name: _take(hf_state, name)  # noqa: E731
+    block = src + ("block_sparse_moe." if src + "block_sparse_moe.gate.weight" in hf_state else "mlp.")
+    out = {dst + "router.weight": get(block + "gate.weight")}
+    fused = block + "experts.gate_up_proj"  # transformers 5's in-memory layout: [E, 2f, h], [E, h, f]
+    for e in range(tc.num_moe_experts):
+        expert = f"{dst}experts.local_experts.{e}."
+        if fused in hf_state:
+            fc1, fc2 = get(fused)[e], get(block + "experts.down_proj")[e]
+        elif block + f"experts.{e}.w1.weight" in hf_state:  # Mixtral: w1 gate, w3 up, w2 down
+            fc1 = torch.cat((get(block + f"experts.{e}.w1.weight"), get(block + f"experts.{e}.w3.weight")))
+            fc2 = get(block + f"experts.{e}.w2.weight")
+        else:
+            fc1 = torch.cat((get(block + f"experts.{e}.gate_proj.weight"), get(block + f"experts.{e}.up_proj.weight")))
+            fc2 = get(block + f"experts.{e}.down_proj.weight")
+        out |= {expert + "linear_fc1.weight": fc1, expert + "linear_fc2.weight": fc2}
+    if tc.moe_shared_expert_intermediate_size:
+        shared = block + "shared_expert."
+        out |= {
+            dst + "shared_experts.linear_fc1.weight": torch.cat((get(shared + "gate_proj.weight"),
+                                                                 get(shared + "up_proj.weight"))),
+            dst + "shared_experts.linear_fc2.weight": get(shared + "down_proj.weight"),
+        }
+        if tc.moe_shared_expert_gate:
+            out[dst + "shared_experts.gate_weight"] = get(block + "shared_expert_gate.weight")
+    return out

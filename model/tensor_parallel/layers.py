@@ -112,8 +112,14 @@ class RowParallelLinear(nn.Module):
         parallel_state: ParallelState,
         params_dtype: torch.dtype,
         bias: bool,
+        reduce_output: bool = True,
     ) -> None:
+        """`reduce_output=False`: return this rank's partial sum (a MoE layer's experts, summed and
+        all-reduced once); it then takes no bias, which would be added once per rank."""
         super().__init__()
+        if bias and not reduce_output:
+            raise ValueError("a RowParallelLinear that does not reduce its output cannot add a bias")
+        self.reduce_output = reduce_output
         self.parallel_state = parallel_state
         self.input_size_per_partition = _divide(input_size, parallel_state.tensor_model_parallel_size, "input_size")
         self.output_size = output_size
@@ -134,7 +140,8 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight, None, self.cpu_kernels)  # [t, out], this rank's partial sum
-        y = reduce_from_tensor_model_parallel_region(y, self.parallel_state)
+        if self.reduce_output:
+            y = reduce_from_tensor_model_parallel_region(y, self.parallel_state)
         if self.bias is not None:
             y = y + self.bias
         return y
