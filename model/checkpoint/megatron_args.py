@@ -24,7 +24,7 @@ _UNSUPPORTED = {
     "apply_residual_connection_post_layernorm": False,
     "squared_relu": False,
     "qk_layernorm": False,
-    "num_experts": None,
+    "moe_grouped_gemm": False,
     "multi_latent_attention": False,
     "apply_query_key_layer_scaling": False,
 }
@@ -86,6 +86,7 @@ def gpt_config_from_megatron_args(
             add_qkv_bias=bool(a.get("add_qkv_bias", False)),
             rotary_interleaved=bool(a.get("rotary_interleaved", False)),
             window_size=tuple(window) if window else None,
+            **_moe_fields(a),
         )
         padded = need("padded_vocab_size")
         if vocab_size is not None and vocab_size > padded:
@@ -104,3 +105,27 @@ def gpt_config_from_megatron_args(
         )
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{where}: {e}") from None
+
+
+def _moe_fields(a: dict[str, Any]) -> dict[str, Any]:
+    """TransformerConfig's MoE fields from Megatron-LM's `--num-experts` and `--moe-*` arguments.
+    Training-only ones (aux-loss coefficients, token dropping and the capacity factor, input
+    jitter) are ignored, as Megatron's inference does: no token is ever dropped."""
+    if not a.get("num_experts"):
+        return {}
+    freq = a.get("moe_layer_freq", 1)
+    if isinstance(freq, str):  # Megatron-LM's pattern syntax, e.g. "([0]*1+[1]*3)"
+        raise ValueError(f"moe_layer_freq={freq!r}: give the pattern as a list of 0/1 per layer in the args JSON")
+    fields = {
+        "num_moe_experts": a["num_experts"],
+        "moe_router_topk": a.get("moe_router_topk", 2),
+        "moe_ffn_hidden_size": a.get("moe_ffn_hidden_size") or a.get("ffn_hidden_size"),
+        "moe_shared_expert_intermediate_size": a.get("moe_shared_expert_intermediate_size"),
+        "moe_shared_expert_gate": bool(a.get("moe_shared_expert_gate", False)),
+        "moe_router_score_function": a.get("moe_router_score_function") or "softmax",
+        "moe_router_pre_softmax": bool(a.get("moe_router_pre_softmax", False)),
+        "moe_router_topk_scaling_factor": a.get("moe_router_topk_scaling_factor"),
+        "moe_router_enable_expert_bias": bool(a.get("moe_router_enable_expert_bias", False)),
+        "moe_layer_freq": freq,
+    }
+    return fields

@@ -5,7 +5,9 @@ Megatron-Core's `dist_checkpointing.save` writes a PyTorch Distributed Checkpoin
 whole, in the layout tpserve stores (linear_qkv grouped per query group, gated fc1 all gate rows
 then all up rows). Two differences, undone here:
 
-- the layers are stacked: `decoder.layers.self_attention.linear_qkv.weight` is [num_layers, ...];
+- the layers are stacked: `decoder.layers.self_attention.linear_qkv.weight` is [num_layers, ...],
+  and a MoE layer's experts too: `decoder.layers.mlp.experts.experts.linear_fc1.weight` is
+  [num_layers, num_experts, ...];
 - norms fused into the next linear carry Transformer Engine names even for a local-spec model:
   `linear_qkv.layer_norm_weight` is the input layernorm, `linear_fc1.layer_norm_weight` the
   pre-MLP layernorm (`_bias` likewise).
@@ -182,7 +184,12 @@ def unstack_layers(tensors: dict[str, torch.Tensor], num_layers: int, folder: Pa
                     f"{folder}: tensor {key!r} stacks {tensor.shape[0]} layers but the args say num_layers={num_layers}"
                 )
             for i in range(num_layers):
-                out[f"decoder.layers.{i}.{_TE_NORMS.get(rest, rest)}"] = tensor[i]
+                if rest.startswith("mlp.experts.experts."):  # [L, E, ...]: every expert of every layer
+                    for e in range(tensor.shape[1]):
+                        name = rest.removeprefix("mlp.experts.experts.")
+                        out[f"decoder.layers.{i}.mlp.experts.local_experts.{e}.{name}"] = tensor[i, e]
+                else:
+                    out[f"decoder.layers.{i}.{_TE_NORMS.get(rest, rest)}"] = tensor[i]
         else:
             out[key] = tensor
     return out
