@@ -13,6 +13,8 @@ import torch
 from torch import nn
 
 from tpserve.model.config import TransformerConfig
+from tpserve.model.norm import Norm
+from tpserve.model.qk_norm import AcrossHeadsRMSNorm
 from tpserve.model.inference_params import InferenceParams
 from tpserve.model.packed_seq_params import PackedSeqParams
 from tpserve.model.parallel_state import ParallelState
@@ -48,6 +50,13 @@ class SelfAttention(nn.Module):
             params_dtype=config.params_dtype,
             bias=config.add_bias_linear or config.add_qkv_bias,
         )
+        self.q_layernorm = self.k_layernorm = None
+        if config.qk_layernorm == "per_head":
+            self.q_layernorm, self.k_layernorm = Norm(config, d), Norm(config, d)
+        elif config.qk_layernorm == "across_heads":
+            self.q_layernorm, self.k_layernorm = (
+                AcrossHeadsRMSNorm(width, config.layernorm_epsilon, parallel_state, config.params_dtype)
+                for width in (n * d, g * d))
         self.core_attention = build_module(submodules.core_attention, config, layer_number)
         self.linear_proj = build_module(
             submodules.linear_proj,
@@ -70,5 +79,18 @@ class SelfAttention(nn.Module):
         t = hidden_states.shape[0]
         qkv = self.linear_qkv(hidden_states)  # [t, (n/p + 2g/p) * d]
         qkv = qkv.view(t, config.num_query_groups_local, config.num_heads_per_group + 2, config.kv_channels)
+        if self.q_layernorm is not None:
+            qkv = self._norm_qk(qkv)
         out = self.core_attention(qkv, position_ids, rotary, packed_seq_params, inference_params)  # [t, n/p, d]
         return self.linear_proj(out.reshape(t, -1))  # [t, h], all-reduced
+
+    def _norm_qk(self, qkv: torch.Tensor) -> torch.Tensor:
+        """qkv [t, g/p, n/g + 2, d] with q and k normalised (v as it was)."""
+        t, groups, _, d = qkv.shape
+        q, k, v = qkv.split([self.config.num_heads_per_group, 1, 1], dim=2)
+        if self.config.qk_layernorm == "per_head":
+            q, k = self.q_layernorm(q), self.k_layernorm(k)
+        else:  # rows in head order: the group's heads are consecutive heads
+            q = self.q_layernorm(q.reshape(t, -1)).view_as(q)
+            k = self.k_layernorm(k.reshape(t, -1)).view_as(k)
+        return torch.cat((q, k, v), dim=2)

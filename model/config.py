@@ -76,6 +76,9 @@ class TransformerConfig:
     # Sliding-window attention as (left, right) tokens beside the query; -1 means unbounded.
     # Only causal windows (right == 0) make sense for a decoder.
     window_size: tuple[int, int] | None = None
+    # Normalise q and k before RoPE (model/qk_norm.py): "per_head" is Megatron-Core's qk_layernorm
+    # (Qwen3), "across_heads" a token's whole q and k projections at once (OLMoE); None: neither.
+    qk_layernorm: Literal["per_head", "across_heads"] | None = None
 
     # --- mixture of experts (model/moe.py); None: every layer has a dense MLP ---
     num_moe_experts: int | None = None
@@ -159,6 +162,8 @@ class TransformerConfig:
                 )
         if not callable(self.activation_func):
             raise ValueError(f"activation_func={self.activation_func!r} is not callable")
+        if self.qk_layernorm not in (None, "per_head", "across_heads"):
+            raise ValueError(f"qk_layernorm={self.qk_layernorm!r} must be None, 'per_head' or 'across_heads'")
         if self.num_moe_experts is not None:
             self._check_moe()
 

@@ -88,6 +88,16 @@ MOE_CASES = {
         shared_expert_intermediate_size=80, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         max_position_embeddings=128, num_experts=8, num_experts_per_tok=2, decoder_sparse_step=2,
     ),
+    # q and k normalised per head (Qwen3) and across a token's heads (OLMoE)
+    "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+        vocab_size=301, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=128, num_experts=8,
+        num_experts_per_tok=2, norm_topk_prob=True,
+    ),
+    "olmoe": lambda: transformers.OlmoeConfig(
+        vocab_size=301, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_experts=8, num_experts_per_tok=2,
+    ),
     "qwen2_moe_norm_topk": lambda: transformers.Qwen2MoeConfig(
         vocab_size=301, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
         shared_expert_intermediate_size=80, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -97,6 +107,8 @@ MOE_CASES = {
 
 _MODEL_CLASSES = {
     "mixtral": transformers.MixtralForCausalLM,
+    "qwen3_moe": transformers.Qwen3MoeForCausalLM,
+    "olmoe": transformers.OlmoeForCausalLM,
     "qwen2_moe": transformers.Qwen2MoeForCausalLM,
     "gpt2": transformers.GPT2LMHeadModel,
     "llama": transformers.LlamaForCausalLM,

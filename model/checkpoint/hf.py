@@ -2,7 +2,8 @@
 
 Supported families: GPT-2, and the Llama family with its close relatives (Mistral's sliding
 window, Qwen2's qkv bias, StableLM's partial rotary and LayerNorm), which share Llama's
-parameter names, and their mixtures of experts (Mixtral; Qwen2-MoE with its shared expert),
+parameter names, and their mixtures of experts (Mixtral; Qwen2-MoE with its shared expert;
+Qwen3-MoE and OLMoE, which normalise q and k: per head, and across a token's heads),
 read in the per-expert layout published checkpoints use (`block_sparse_moe.experts.E.w1/w2/w3`,
 `mlp.experts.E.gate_proj/up_proj/down_proj`) or transformers' fused in-memory one. Full tensors come out in Megatron-Core's full-tensor layout:
 
@@ -20,7 +21,7 @@ import torch
 from tpserve.model.builder import GPTModelConfig
 from tpserve.model.config import ACTIVATIONS, TransformerConfig
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "stablelm", "mixtral", "qwen2_moe")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "stablelm", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 SUPPORTED = ("gpt2", *LLAMA_LIKE)
 
 _GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
@@ -93,8 +94,10 @@ def _llama_config(hf: Mapping[str, Any], params_dtype: torch.dtype) -> GPTModelC
     if hf.get("attention_bias"):
         # Llama's attention_bias also puts a bias on o_proj, unlike Megatron's add_qkv_bias.
         raise ValueError(f"{model_type} config sets attention_bias=True (bias on o_proj), which is not supported")
-    if hf.get("qk_layernorm"):
+    if hf.get("qk_layernorm"):  # StableLM's: a weight per head, unlike Qwen3's shared one
         raise ValueError(f"{model_type} config sets qk_layernorm=True, which is not supported")
+    if hf.get("clip_qkv") is not None:
+        raise ValueError(f"{model_type} config sets clip_qkv={hf['clip_qkv']}, which is not supported")
     if hf.get("use_parallel_residual"):
         raise ValueError(f"{model_type} config sets use_parallel_residual=True, which is not supported")
     rope = _rope_parameters(hf)
@@ -126,6 +129,7 @@ def _llama_config(hf: Mapping[str, Any], params_dtype: torch.dtype) -> GPTModelC
         add_bias_linear=False,
         add_qkv_bias=model_type in ("qwen2", "qwen2_moe") or bool(hf.get("use_qkv_bias")),
         window_size=window,
+        qk_layernorm={"qwen3_moe": "per_head", "olmoe": "across_heads"}.get(model_type),
         params_dtype=params_dtype,
         **_moe_fields(hf),
     )
@@ -147,15 +151,20 @@ def _moe_fields(hf: Mapping[str, Any]) -> dict[str, Any]:
     Router jitter and the auxiliary loss are training settings: inference ignores them, as
     Megatron's does."""
     model_type = hf["model_type"]
+    experts = hf.get("num_local_experts") or hf.get("num_experts")  # the name differs by family and version
     if model_type == "mixtral":
         # softmax over all experts, top k, renormalised: the softmax of the top-k logits
-        return dict(num_moe_experts=hf["num_local_experts"], moe_router_topk=hf["num_experts_per_tok"],
+        return dict(num_moe_experts=experts, moe_router_topk=hf["num_experts_per_tok"],
                     moe_ffn_hidden_size=hf["intermediate_size"], moe_router_pre_softmax=False)
-    if model_type == "qwen2_moe":
-        layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step", 1)
+    if model_type == "olmoe":
+        return dict(num_moe_experts=experts, moe_router_topk=hf["num_experts_per_tok"],
+                    moe_ffn_hidden_size=hf["intermediate_size"],
+                    moe_router_pre_softmax=not hf.get("norm_topk_prob", False))
+    if model_type in ("qwen2_moe", "qwen3_moe"):
+        layers, step = hf["num_hidden_layers"], hf.get("decoder_sparse_step") or 1
         dense = set(hf.get("mlp_only_layers") or ())
         pattern = [int(i not in dense and (i + 1) % step == 0) for i in range(layers)]
-        return dict(num_moe_experts=hf["num_experts"], moe_router_topk=hf["num_experts_per_tok"],
+        return dict(num_moe_experts=experts, moe_router_topk=hf["num_experts_per_tok"],
                     moe_ffn_hidden_size=hf["moe_intermediate_size"],
                     moe_shared_expert_intermediate_size=hf.get("shared_expert_intermediate_size") or None,
                     moe_shared_expert_gate=bool(hf.get("shared_expert_intermediate_size")),
@@ -256,6 +265,9 @@ def _from_llama(hf_state: Mapping[str, torch.Tensor], config: GPTModelConfig) ->
         if layer_norm:
             out[dst + "input_layernorm.bias"] = get(src + "input_layernorm.bias")
             out[dst + "pre_mlp_layernorm.bias"] = get(src + "post_attention_layernorm.bias")
+        if tc.qk_layernorm is not None:
+            out[dst + "self_attention.q_layernorm.weight"] = get(attn + "q_norm.weight")
+            out[dst + "self_attention.k_layernorm.weight"] = get(attn + "k_norm.weight")
         if tc.add_qkv_bias:
             out[dst + "self_attention.linear_qkv.bias"] = fuse_qkv(
                 get(attn + "q_proj.bias"), get(attn + "k_proj.bias"), get(attn + "v_proj.bias"), tc

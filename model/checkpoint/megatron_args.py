@@ -23,7 +23,6 @@ from tpserve.model.config import ACTIVATIONS, TransformerConfig
 _UNSUPPORTED = {
     "apply_residual_connection_post_layernorm": False,
     "squared_relu": False,
-    "qk_layernorm": False,
     "moe_grouped_gemm": False,
     "multi_latent_attention": False,
     "apply_query_key_layer_scaling": False,
@@ -86,6 +85,7 @@ def gpt_config_from_megatron_args(
             add_qkv_bias=bool(a.get("add_qkv_bias", False)),
             rotary_interleaved=bool(a.get("rotary_interleaved", False)),
             window_size=tuple(window) if window else None,
+            qk_layernorm="per_head" if a.get("qk_layernorm") else None,
             **_moe_fields(a),
         )
         padded = need("padded_vocab_size")

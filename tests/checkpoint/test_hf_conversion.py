@@ -107,7 +107,7 @@ def test_missing_hf_shard_is_named(tmp_path):
     assert not (tmp_path / "tp").exists()
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_moe_folders_in_the_per_expert_layout_convert(case, tmp_path):
     """transformers 5 saves experts one by one (block_sparse_moe.experts.E.w1/w2/w3,
     mlp.experts.E.gate_proj/up_proj/down_proj), as published checkpoints are: those folders

@@ -1,6 +1,6 @@
-"""Mixtures of experts (model/moe.py) against Hugging Face transformers: random Mixtral and
-Qwen2-MoE models (router orders, top 1 and 2, a gated shared expert, dense and MoE layers
-interleaved) give transformers' logits, for a whole sequence and for prefill, decode and mixed
+"""Mixtures of experts (model/moe.py) against Hugging Face transformers: random Mixtral,
+Qwen2-MoE, Qwen3-MoE and OLMoE models (router orders, top 1 and 2, a gated shared expert, dense
+and MoE layers interleaved, q and k normalised per head and across heads) give transformers' logits, for a whole sequence and for prefill, decode and mixed
 steps through the paged cache; both ways of running the experts agree; and at TP 2 each rank
 holds its slices of every expert and the logits stay the same."""
 
@@ -73,8 +73,9 @@ def _tp_logits(ctx: RankContext, config, state) -> tuple[torch.Tensor, int]:
 
 
 @pytest.mark.slow
-def test_same_logits_at_tp2(worker_groups):
-    hf = random_hf_model("qwen2_moe")
+@pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe", "olmoe"])  # shared expert; q/k norms per and across heads
+def test_same_logits_at_tp2(worker_groups, name):
+    hf = random_hf_model(name)
     config, state = converted(hf)
     results = worker_groups.get(2).run(_tp_logits, config, state)
     expected = hf_logits(hf, TOKENS[0])
