@@ -82,3 +82,57 @@ def test_llm_with_cuda_graphs_generates_as_eager(random_ckpt):
         with LLM(path, device="cuda", dtype=torch.float32, max_num_seqs=16, enforce_eager=eager) as llm:
             outputs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
     assert outputs[0] == outputs[1]
+
+
+class _HostSync(AssertionError):
+    pass
+
+
+def _forbidding_host_syncs(forward):
+    """`forward` run with every way a step could read a device value on the host refused."""
+    def guarded():
+        def refuse(*args, **kwargs):
+            raise _HostSync("a host sync in a captured decode step")
+
+        saved = {name: getattr(torch.Tensor, name) for name in ("tolist", "item", "nonzero", "__bool__")}
+        saved_nonzero = torch.nonzero
+        try:
+            for name in saved:
+                setattr(torch.Tensor, name, refuse)
+            torch.nonzero = refuse
+            return forward()
+        finally:
+            for name, method in saved.items():
+                setattr(torch.Tensor, name, method)
+            torch.nonzero = saved_nonzero
+    return guarded
+
+
+def test_a_mixture_of_experts_decode_step_has_no_host_sync(monkeypatch):
+    """A MoE model's decode steps as GPU workers run them (experts dispatched densely, what the
+    builder picks on CUDA) replay through the capture stand-in with .tolist(), .item(),
+    .nonzero() and truth tests refused, and give the eager (grouped) model's samples. The
+    grouped dispatch, which reads expert counts on the host, trips the same guard."""
+    from tpserve.model.moe import MoELayer
+
+    replays: list[int] = []
+
+    def capture(forward, pool):
+        guarded = _forbidding_host_syncs(forward)
+        guarded()
+        return lambda: (replays.append(forward.args[0]), guarded()), pool
+
+    monkeypatch.setattr(cuda_graph, "capture_graph", capture)
+    config, state = converted(random_hf_model("mixtral", seed=3, max_position_embeddings=1024))
+    eager_model, graphed_model = (build(config, state) for _ in range(2))
+    for m in graphed_model.modules():
+        if isinstance(m, MoELayer):
+            m.dispatch = "dense"
+    eager = model_runner(eager_model, num_blocks=512)
+    graphed = model_runner(graphed_model, cuda_graph_batch_sizes=[1, 2, 4, 8], num_blocks=512)
+    compare_runners(eager, graphed, STEPS, _prompts(), rtol=1e-4, atol=1e-5)
+    assert replays == [8, 4, 1, 8, 8, 8]
+
+    grouped = next(m for m in eager_model.modules() if isinstance(m, MoELayer))
+    with pytest.raises(_HostSync):
+        _forbidding_host_syncs(lambda: grouped(torch.randn(3, config.transformer.hidden_size)))()
