@@ -5,7 +5,7 @@ Every request makes --output-len tokens: unconstrained ones ignore end-of-sequen
 ones follow a schema (an array of at least --output-len small objects) that cannot be complete
 sooner. The mask time is the engine's: filling the bitmasks of a step's constrained sequences,
 which runs while the ranks compute the forward (the sampling rank waits for it only when it is
-longer). The CPU is named as `lscpu` names it.
+longer). The CPU is named as `lscpu` names it (its /proc/cpuinfo model name).
 
     python benchmarks/structured_outputs.py --in-flight 1,8,64 --output-len 64 --output-json out.json
 """
@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 from provenance import provenance, write_result
+
+from tpserve.kernels.cpu_info import cpu_flags, cpu_model
 
 PROMPT = "List some fictional employees as JSON:"
 
@@ -43,15 +44,6 @@ def schema(output_len: int) -> dict:
                                                "age": {"type": "integer", "minimum": 0, "maximum": 99}},
               "required": ["name", "age"], "additionalProperties": False}
     return {"type": "array", "items": person, "minItems": output_len}
-
-
-def lscpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (no lscpu)"
-    return next((line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name:")),
-                "unknown")
 
 
 class MaskClock:
@@ -120,7 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "structured_outputs",
         **provenance("structured_outputs.py", argv),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({lscpu_model()}, {os.cpu_count()} cores)",
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({cpu_model()}, {os.cpu_count()} cores)",
+        "cpu_flags": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma"))),
         "dtype": str(llm.engine.config.dtype).removeprefix("torch."),
         "checkpoint": str(checkpoint),
         "setup": vars(args),
