@@ -52,8 +52,9 @@ CASES = [
     ("POST", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "role"),
     ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "'image_url' are not supported"),
-    ("POST", "/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400, "tools are not supported"),
-    ("POST", "/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice='required'"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "tools": [{"type": "function"}]}, 400,
+     "tools.0.function: this field is required"),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "tool_choice": "required"}, 400, "tool_choice needs tools"),
     ("POST", "/v1/chat/completions", {"messages": CHAT, "top_logprobs": 2}, 400, "top_logprobs needs logprobs=true"),
     ("POST", "/v1/chat/completions", {"messages": CHAT, "max_tokens": 500}, 400, "maximum context length is 128"),
     ("POST", "/v1/chat/completions", {"messages": CHAT, "max_completion_tokens": 0}, 400, "max_completion_tokens"),
