@@ -23,7 +23,6 @@ from tpserve.model.config import ACTIVATIONS, TransformerConfig
 _UNSUPPORTED = {
     "apply_residual_connection_post_layernorm": False,
     "squared_relu": False,
-    "moe_grouped_gemm": False,
     "multi_latent_attention": False,
     "apply_query_key_layer_scaling": False,
 }

@@ -171,12 +171,13 @@ def megatron_args_from_common(common: dict[str, Any] | None, folder: Path):
 
 
 def unstack_layers(tensors: dict[str, torch.Tensor], num_layers: int, folder: Path) -> dict[str, torch.Tensor]:
-    """Stacked `decoder.layers.X` [L, ...] -> `decoder.layers.{i}.X`, TE norm names -> local ones."""
+    """Stacked `decoder.layers.X` [L, ...] -> `decoder.layers.{i}.X`, TE norm names -> local ones,
+    and a MoE layer's stacked experts `mlp.experts.experts.X` [E, ...] -> `mlp.experts.local_experts.{e}.X`."""
     out = {}
     for key, tensor in tensors.items():
-        if _PER_LAYER.match(key):  # already per layer (older Megatron-Core layouts)
+        if _PER_LAYER.match(key):  # already per layer (older layouts, and models mixing dense and MoE layers)
             i, rest = _PER_LAYER.match(key).groups()
-            out[f"decoder.layers.{i}.{_TE_NORMS.get(rest, rest)}"] = tensor
+            out |= _layer_tensors(int(i), rest, tensor)
         elif key.startswith("decoder.layers."):
             rest = key.removeprefix("decoder.layers.")
             if tensor.shape[0] != num_layers:
@@ -184,12 +185,14 @@ def unstack_layers(tensors: dict[str, torch.Tensor], num_layers: int, folder: Pa
                     f"{folder}: tensor {key!r} stacks {tensor.shape[0]} layers but the args say num_layers={num_layers}"
                 )
             for i in range(num_layers):
-                if rest.startswith("mlp.experts.experts."):  # [L, E, ...]: every expert of every layer
-                    for e in range(tensor.shape[1]):
-                        name = rest.removeprefix("mlp.experts.experts.")
-                        out[f"decoder.layers.{i}.mlp.experts.local_experts.{e}.{name}"] = tensor[i, e]
-                else:
-                    out[f"decoder.layers.{i}.{_TE_NORMS.get(rest, rest)}"] = tensor[i]
+                out |= _layer_tensors(i, rest, tensor[i])
         else:
             out[key] = tensor
     return out
+
+
+def _layer_tensors(layer: int, rest: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+    if rest.startswith("mlp.experts.experts."):
+        name = rest.removeprefix("mlp.experts.experts.")
+        return {f"decoder.layers.{layer}.mlp.experts.local_experts.{e}.{name}": tensor[e] for e in range(tensor.shape[0])}
+    return {f"decoder.layers.{layer}.{_TE_NORMS.get(rest, rest)}": tensor}

@@ -2,7 +2,7 @@
 
 torch_dist: checkpoints written by megatron-core 0.19.2 itself at TP 1 and 2, and at PP 2 (with TP 1
 and an uneven 1 + 2 layer split, and with TP 2 and tied embeddings), and a mixture of experts (4
-experts, top 2, a gated shared expert) at TP 1 and 2
+experts, top 2, a gated shared expert) at TP 1 and 2, and with a dense first layer
 (tests/fixtures/make_megatron_goldens.py); the converted checkpoint must give the logits
 megatron-core computed through its pipeline, with the args read from the checkpoint (pickle,
 allowed) or from JSON.
@@ -37,7 +37,7 @@ LEGACY_FIXTURES = {"gpt2_tp2": 2, "gpt2_tp2_pp3": 4}
 
 @pytest.mark.parametrize(
     "name", ["llama_like_tp1", "llama_like_tp2", "gpt2_like_tp2", "llama_like_tp1_pp2", "gpt2_like_tp2_pp2",
-             "moe_like_tp1", "moe_like_tp2"]
+             "moe_like_tp1", "moe_like_tp2", "moe_like_mixed_tp1"]
 )
 @pytest.mark.parametrize("args_from", ["checkpoint", "json"])
 def test_torch_dist_gives_megatron_core_logits(name, args_from, tmp_path):
