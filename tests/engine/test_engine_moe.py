@@ -1,6 +1,7 @@
-"""A mixture-of-experts model (random Qwen2-MoE: shared expert, dense and MoE layers interleaved)
-served by the engine, 16 prompts arriving 2 per step: the same greedy tokens as transformers'
-`generate`, at TP 1 and TP 2 (each rank holding its slices of every expert)."""
+"""Mixtures of experts served by the engine (random Mixtral, Qwen3-MoE with its q/k norms, and
+Qwen2-MoE with a shared expert and dense and MoE layers interleaved), 16 prompts arriving 2 per
+step: the same greedy tokens as transformers' `generate`, at TP 1 and TP 2 (each rank holding its
+slices of every expert)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from helpers import random_checkpoint
 from test_llm_engine import GREEDY, hf_greedy, make_engine, prompts, run
 
 
-@pytest.fixture(scope="module")
-def moe_ckpt(tmp_path_factory):
-    return random_checkpoint(tmp_path_factory.mktemp("moe"), case="qwen2_moe")
+@pytest.fixture(scope="module", params=["mixtral", "qwen3_moe", "qwen2_moe"])
+def moe_ckpt(request, tmp_path_factory):
+    return random_checkpoint(tmp_path_factory.mktemp("moe"), case=request.param)
 
 
 @pytest.mark.slow

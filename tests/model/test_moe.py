@@ -65,11 +65,22 @@ def test_dense_dispatch_equals_grouped(case):
     torch.testing.assert_close(_steps(model), grouped, atol=1e-5, rtol=1e-5)
 
 
-def _tp_logits(ctx: RankContext, config, state) -> tuple[torch.Tensor, int]:
+def _moe_bytes(model) -> dict[str, int]:
+    """Parameter bytes of the experts' matrices (the shared expert's included), which TP splits,
+    and of the routers and the shared expert's gate, which every rank holds whole."""
+    out = {"experts": 0, "routers": 0}
+    for name, p in model.named_parameters():
+        if ".mlp.router." in name or name.endswith("shared_experts.gate_weight"):
+            out["routers"] += p.numel() * p.element_size()
+        elif ".mlp.experts." in name or ".mlp.shared_experts." in name:
+            out["experts"] += p.numel() * p.element_size()
+    return out
+
+
+def _tp_logits(ctx: RankContext, config, state) -> tuple[torch.Tensor, dict[str, int]]:
     model = build(config, state, ctx.parallel_state)
-    expert = model.decoder.layers[-1].mlp.experts.local_experts[0]
     with torch.no_grad():
-        return model(torch.tensor([TOKENS[0]]), torch.arange(len(TOKENS[0]))[None])[0], expert.linear_fc1.weight.shape[0]
+        return model(torch.tensor([TOKENS[0]]), torch.arange(len(TOKENS[0]))[None])[0], _moe_bytes(model)
 
 
 @pytest.mark.slow
@@ -79,6 +90,41 @@ def test_same_logits_at_tp2(worker_groups, name):
     config, state = converted(hf)
     results = worker_groups.get(2).run(_tp_logits, config, state)
     expected = hf_logits(hf, TOKENS[0])
-    for logits, fc1_rows in results:
+    whole = _moe_bytes(build(config, state))
+    for logits, held in results:
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-        assert fc1_rows == 2 * config.transformer.moe_ffn_hidden_size // 2  # [gate_r; up_r] of this rank
+        # each rank holds half of every expert's matrices, and the whole routers and gates
+        assert held == {"experts": whole["experts"] // 2, "routers": whole["routers"]}
+
+
+def test_one_expert_for_every_token_and_experts_with_none():
+    """A router whose expert bias sends every token to expert 0 (sigmoid scores, top 1; the bias
+    chooses, the score weights): the layer's output is expert 0's times its score, through both
+    dispatches, and the other experts get no token."""
+    import torch.nn.functional as F
+
+    from tpserve.model.config import TransformerConfig
+    from tpserve.model.mlp import MLPSubmodules
+    from tpserve.model.moe import MoESubmodules
+    from tpserve.model.parallel_state import ParallelState
+    from tpserve.model.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    config = TransformerConfig(
+        num_layers=1, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=F.silu, add_bias_linear=False, num_moe_experts=4, moe_router_topk=1,
+        moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+    )
+    layer = MoELayer(config, MoESubmodules(MLPSubmodules(ColumnParallelLinear, RowParallelLinear)), ParallelState())
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.2)
+        layer.router.expert_bias.copy_(torch.tensor([100.0, 0.0, 0.0, 0.0]))
+        x = torch.randn(9, 32)
+        weights, top = layer.router(x)
+        score = torch.sigmoid(x @ layer.router.weight[0])[:, None]  # top 1: not renormalised (Megatron's rule)
+        assert (top == 0).all() and torch.allclose(weights, score)
+        expected = layer.experts.local_experts[0](x) * score
+        for dispatch in ("grouped", "dense"):
+            layer.dispatch = dispatch
+            torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
