@@ -2,7 +2,8 @@
 
 torch_dist: checkpoints written by megatron-core 0.19.2 itself at TP 1 and 2, and at PP 2 (with TP 1
 and an uneven 1 + 2 layer split, and with TP 2 and tied embeddings), and a mixture of experts (4
-experts, top 2, a gated shared expert) at TP 1 and 2, and with a dense first layer
+experts, top 2, a gated shared expert) at TP 1 and 2, with a dense first layer, and with sigmoid
+router scores with and without an expert bias (megatron-core is the only reference for those)
 (tests/fixtures/make_megatron_goldens.py); the converted checkpoint must give the logits
 megatron-core computed through its pipeline, with the args read from the checkpoint (pickle,
 allowed) or from JSON.
@@ -37,7 +38,7 @@ LEGACY_FIXTURES = {"gpt2_tp2": 2, "gpt2_tp2_pp3": 4}
 
 @pytest.mark.parametrize(
     "name", ["llama_like_tp1", "llama_like_tp2", "gpt2_like_tp2", "llama_like_tp1_pp2", "gpt2_like_tp2_pp2",
-             "moe_like_tp1", "moe_like_tp2", "moe_like_mixed_tp1"]
+             "moe_like_tp1", "moe_like_tp2", "moe_like_mixed_tp1", "moe_sigmoid_tp1", "moe_sigmoid_bias_tp1"]
 )
 @pytest.mark.parametrize("args_from", ["checkpoint", "json"])
 def test_torch_dist_gives_megatron_core_logits(name, args_from, tmp_path):
@@ -159,3 +160,10 @@ def test_legacy_needs_allow_pickle(tmp_path):
 def test_not_a_megatron_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="neither a torch_dist checkpoint .* nor a legacy one"):
         convert_megatron(tmp_path, tmp_path / "tp")
+
+
+def test_the_expert_bias_changes_megatron_cores_choices():
+    """The two sigmoid-router fixtures share every weight (same seeds) but the expert bias: its
+    golden logits differ, so converting the bias right is what makes them match."""
+    plain, biased = (np.load(TORCH_DIST / name / "golden.npz")["logits"] for name in ("moe_sigmoid_tp1", "moe_sigmoid_bias_tp1"))
+    assert np.abs(plain - biased).max() > 0.1
