@@ -1,8 +1,8 @@
 """Mixtures of experts (model/moe.py) against Hugging Face transformers: random Mixtral,
 Qwen2-MoE, Qwen3-MoE and OLMoE models (router orders, top 1 and 2, a gated shared expert, dense
-and MoE layers interleaved, q and k normalised per head and across heads) give transformers' logits, for a whole sequence and for prefill, decode and mixed
-steps through the paged cache; both ways of running the experts agree; and at TP 2 each rank
-holds its slices of every expert and the logits stay the same."""
+and MoE layers interleaved, q and k normalised per head and across heads) give transformers'
+logits, for a whole sequence and for prefill, decode and mixed steps through the paged cache; both ways of running the experts agree; and at TP 2 and 4 each
+rank holds its slices of every expert and the logits stay the same."""
 
 from __future__ import annotations
 
@@ -84,17 +84,18 @@ def _tp_logits(ctx: RankContext, config, state) -> tuple[torch.Tensor, dict[str,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["qwen2_moe", "qwen3_moe", "olmoe"])  # shared expert; q/k norms per and across heads
-def test_same_logits_at_tp2(worker_groups, name):
-    hf = random_hf_model(name)
+@pytest.mark.parametrize("name, tp", [("qwen2_moe", 2), ("qwen3_moe", 2), ("olmoe", 2), ("qwen2_moe", 4)])
+def test_same_logits_at_tp2_and_4(worker_groups, name, tp):
+    """Shared expert; q/k norms per head and across heads; at TP 4 with 4 key-value heads."""
+    hf = random_hf_model(name, **({"num_key_value_heads": 4} if tp == 4 else {}))
     config, state = converted(hf)
-    results = worker_groups.get(2).run(_tp_logits, config, state)
+    results = worker_groups.get(tp).run(_tp_logits, config, state)
     expected = hf_logits(hf, TOKENS[0])
     whole = _moe_bytes(build(config, state))
     for logits, held in results:
         torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
-        # each rank holds half of every expert's matrices, and the whole routers and gates
-        assert held == {"experts": whole["experts"] // 2, "routers": whole["routers"]}
+        # each rank holds 1/tp of every expert's matrices, and the whole routers and gates
+        assert held == {"experts": whole["experts"] // tp, "routers": whole["routers"]}
 
 
 def test_one_expert_for_every_token_and_experts_with_none():
