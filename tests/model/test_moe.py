@@ -129,3 +129,28 @@ def test_one_expert_for_every_token_and_experts_with_none():
         for dispatch in ("grouped", "dense"):
             layer.dispatch = dispatch
             torch.testing.assert_close(layer(x), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_no_expert_choice_is_a_near_tie(case):
+    """The premise of the exact comparisons above: routing the test tokens, the k-th and (k+1)-th
+    router logits are never within 1e-3 (ours and transformers' differ by ~1e-6), so both pick
+    the same experts. Checked on our routers' inputs, caught by a hook."""
+    name, _, config, state = case
+    model = build(config, state)
+    k, margins = config.transformer.moe_router_topk, []
+
+    def record(router, inputs, output):
+        logits = torch.nn.functional.linear(inputs[0].float(), router.weight)
+        # OLMoE's token 1 is its padding id, embedded as zeros: every expert scores exactly 0,
+        # a tie both sides break the same way (lowest index). Only rows that differ count.
+        logits = logits[logits.amax(-1) > logits.amin(-1)]
+        top = torch.sort(logits, dim=-1, descending=True).values
+        margins.append((top[..., k - 1] - top[..., k]).min().item())
+
+    for m in model.modules():
+        if isinstance(m, MoELayer):
+            m.router.register_forward_hook(record)
+    with torch.no_grad():
+        for tokens in TOKENS:
+            model(torch.tensor([tokens]), torch.arange(len(tokens))[None])
+    assert margins and min(margins) > 1e-3, (name, margins)
