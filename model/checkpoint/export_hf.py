@@ -33,6 +33,8 @@ def hf_model_type(config: GPTModelConfig) -> str:
     t = config.transformer
     if t.num_moe_experts is not None:
         raise ValueError("export to Hugging Face of a mixture-of-experts checkpoint is not supported yet")
+    if t.qk_layernorm is not None:  # Llama and Qwen2 have no q/k norms: exporting would drop them
+        raise ValueError(f"export to Hugging Face of a model with qk_layernorm={t.qk_layernorm!r} is not supported yet")
     if config.position_embedding_type == "learned_absolute":
         return "gpt2"
     if t.normalization == "LayerNorm":

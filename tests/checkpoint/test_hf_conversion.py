@@ -125,3 +125,24 @@ def test_moe_folders_in_the_per_expert_layout_convert(case, tmp_path):
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="mixture-of-experts checkpoint is not supported yet"):
         export_hf(tmp_path / "tp", tmp_path / "back")
+
+
+def test_export_refuses_q_and_k_norms_it_would_drop(tmp_path):
+    """A Megatron model with qk_layernorm (Megatron's per-head norms) serves, but the Hugging Face
+    families export writes (Llama, Qwen2) have no such norms: refused, not silently dropped."""
+    import dataclasses
+
+    from tpserve.model.checkpoint import save_checkpoint
+    from tpserve.model.checkpoint.hf import gpt_config_from_hf, megatron_state_dict_from_hf
+
+    hf = random_hf_model("llama_gqa")
+    config = gpt_config_from_hf(hf.config)
+    state = megatron_state_dict_from_hf(hf.state_dict(), config)
+    config = dataclasses.replace(config, transformer=dataclasses.replace(config.transformer, qk_layernorm="per_head"))
+    d = config.transformer.kv_channels
+    for i in range(config.transformer.num_layers):
+        state[f"decoder.layers.{i}.self_attention.q_layernorm.weight"] = torch.ones(d)
+        state[f"decoder.layers.{i}.self_attention.k_layernorm.weight"] = torch.ones(d)
+    path = save_checkpoint(tmp_path / "tp", config, state, dtype=torch.float32)
+    with pytest.raises(ValueError, match="qk_layernorm='per_head' is not supported yet"):
+        export_hf(path, tmp_path / "back")
