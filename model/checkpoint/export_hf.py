@@ -26,13 +26,17 @@ _ARCHITECTURES = {
     "mistral": "MistralForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "stablelm": "StableLmForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
 }
 
 
 def hf_model_type(config: GPTModelConfig) -> str:
     t = config.transformer
     if t.num_moe_experts is not None:
-        raise ValueError("export to Hugging Face of a mixture-of-experts checkpoint is not supported yet")
+        return _moe_model_type(t)
     if t.qk_layernorm is not None:  # Llama and Qwen2 have no q/k norms: exporting would drop them
         raise ValueError(f"export to Hugging Face of a model with qk_layernorm={t.qk_layernorm!r} is not supported yet")
     if config.position_embedding_type == "learned_absolute":
@@ -42,6 +46,35 @@ def hf_model_type(config: GPTModelConfig) -> str:
     if t.window_size is not None:
         return "mistral"
     return "qwen2" if t.add_qkv_bias else "llama"
+
+
+def _moe_model_type(t) -> str:
+    """The Hugging Face family that has this mixture of experts: OLMoE (q/k norms across heads),
+    Qwen3-MoE (per head), Qwen2-MoE (a gated shared expert and qkv bias), Mixtral (neither)."""
+    problems = []
+    if t.moe_router_score_function != "softmax" or t.moe_router_enable_expert_bias or t.moe_router_topk_scaling_factor:
+        problems.append("a sigmoid router, an expert bias or a top-k scaling factor")
+    shared = t.moe_shared_expert_intermediate_size is not None
+    if t.qk_layernorm == "across_heads":
+        family = "olmoe"
+        problems += ["a shared expert"] * shared + ["qkv bias"] * t.add_qkv_bias + ["dense layers"] * (t.moe_layer_freq != 1)
+    elif t.qk_layernorm == "per_head":
+        family = "qwen3_moe"
+        problems += ["a shared expert"] * shared + ["qkv bias"] * t.add_qkv_bias
+    elif shared or t.add_qkv_bias:
+        family = "qwen2_moe"
+        if not (shared and t.moe_shared_expert_gate and t.add_qkv_bias):
+            problems.append("not all of a gated shared expert and qkv bias (Qwen2-MoE has both)")
+    else:
+        family = "mixtral"
+        if t.moe_router_pre_softmax or t.moe_layer_freq != 1:
+            problems.append("a softmax over all experts or dense layers")
+    if t.window_size is not None and family != "mixtral":
+        problems.append("a sliding window")
+    if problems:
+        raise ValueError(f"this mixture of experts has {', '.join(problems)}, which {family} has not: "
+                         "no Hugging Face family to export it as")
+    return family
 
 
 def unfuse_qkv(qkv: torch.Tensor, config: GPTModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -121,8 +154,26 @@ def hf_config_from_gpt(config: GPTModelConfig, tokenizer: TokenizerInfo, dtype: 
                 "use_qkv_bias": t.add_qkv_bias}
     else:
         out["rms_norm_eps"] = t.layernorm_epsilon
-    if model_type == "mistral":
+    if model_type == "mistral" or (model_type == "mixtral" and t.window_size is not None):
         out["sliding_window"] = t.window_size[0] + 1  # HF counts the query itself
+    if t.num_moe_experts is not None:
+        out |= _moe_config(t, model_type)
+    if t.qk_layernorm is not None:
+        out["attention_bias"] = False
+    return out
+
+
+def _moe_config(t, model_type: str) -> dict:
+    experts = {"num_experts_per_tok": t.moe_router_topk, "norm_topk_prob": not t.moe_router_pre_softmax}
+    if model_type == "mixtral":
+        return experts | {"num_local_experts": t.num_moe_experts, "intermediate_size": t.moe_ffn_hidden_size}
+    if model_type == "olmoe":
+        return experts | {"num_experts": t.num_moe_experts, "intermediate_size": t.moe_ffn_hidden_size}
+    dense = [i for i in range(t.num_layers) if not t.is_moe_layer(i)]
+    out = experts | {"num_experts": t.num_moe_experts, "moe_intermediate_size": t.moe_ffn_hidden_size,
+                     "decoder_sparse_step": 1, "mlp_only_layers": dense}
+    if model_type == "qwen2_moe":
+        out["shared_expert_intermediate_size"] = t.moe_shared_expert_intermediate_size
     return out
 
 
@@ -179,7 +230,6 @@ def _to_llama(state, config: GPTModelConfig) -> dict[str, torch.Tensor]:
         q, k, v = unfuse_qkv(state[src + "self_attention.linear_qkv.weight"], config)
         if t.rotary_interleaved:
             q, k = _interleaved_to_half(q, t.num_attention_heads), _interleaved_to_half(k, t.num_query_groups)
-        gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2)
         out |= {
             dst + "input_layernorm.weight": state[src + "input_layernorm.weight"],
             dst + "self_attn.q_proj.weight": q,
@@ -187,10 +237,16 @@ def _to_llama(state, config: GPTModelConfig) -> dict[str, torch.Tensor]:
             dst + "self_attn.v_proj.weight": v,
             dst + "self_attn.o_proj.weight": state[src + "self_attention.linear_proj.weight"],
             dst + "post_attention_layernorm.weight": state[src + "pre_mlp_layernorm.weight"],
-            dst + "mlp.gate_proj.weight": gate,
-            dst + "mlp.up_proj.weight": up,
-            dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"],
         }
+        if t.qk_layernorm is not None:
+            out[dst + "self_attn.q_norm.weight"] = state[src + "self_attention.q_layernorm.weight"]
+            out[dst + "self_attn.k_norm.weight"] = state[src + "self_attention.k_layernorm.weight"]
+        if t.is_moe_layer(i):
+            out |= _moe_layer(state, src + "mlp.", dst, t)
+        else:
+            gate, up = state[src + "mlp.linear_fc1.weight"].chunk(2)
+            out |= {dst + "mlp.gate_proj.weight": gate, dst + "mlp.up_proj.weight": up,
+                    dst + "mlp.down_proj.weight": state[src + "mlp.linear_fc2.weight"]}
         if layer_norm:
             out[dst + "input_layernorm.bias"] = state[src + "input_layernorm.bias"]
             out[dst + "post_attention_layernorm.bias"] = state[src + "pre_mlp_layernorm.bias"]
@@ -203,6 +259,26 @@ def _to_llama(state, config: GPTModelConfig) -> dict[str, torch.Tensor]:
     if not config.share_embeddings_and_output_weights:
         out["lm_head.weight"] = state["output_layer.weight"]
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _moe_layer(state, src: str, dst: str, t) -> dict[str, torch.Tensor]:
+    """A MoE layer in the per-expert layout published checkpoints use (Mixtral's w1/w3/w2 names
+    under block_sparse_moe, the others' gate/up/down_proj under mlp)."""
+    mixtral = t.qk_layernorm is None and t.moe_shared_expert_intermediate_size is None and not t.add_qkv_bias
+    block = dst + ("block_sparse_moe." if mixtral else "mlp.")
+    out = {block + "gate.weight": state[src + "router.weight"]}
+    for e in range(t.num_moe_experts):
+        expert = f"{src}experts.local_experts.{e}."
+        gate, up = state[expert + "linear_fc1.weight"].chunk(2)
+        down = state[expert + "linear_fc2.weight"]
+        names = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        out |= {f"{block}experts.{e}.{n}.weight": w for n, w in zip(names, (gate, up, down))}
+    if t.moe_shared_expert_intermediate_size is not None:
+        gate, up = state[src + "shared_experts.linear_fc1.weight"].chunk(2)
+        out |= {block + "shared_expert.gate_proj.weight": gate, block + "shared_expert.up_proj.weight": up,
+                block + "shared_expert.down_proj.weight": state[src + "shared_experts.linear_fc2.weight"],
+                block + "shared_expert_gate.weight": state[src + "shared_experts.gate_weight"]}
+    return out
 
 
 class _FullTensors:

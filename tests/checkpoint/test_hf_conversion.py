@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from ckpt_helpers import CHAT_TEMPLATE, logits_of, save_hf_folder
-from helpers import HF_CASES, random_hf_model
+from helpers import HF_CASES, MOE_CASES, random_hf_model
 from safetensors.torch import load_file
 
 from tpserve.model.checkpoint import CheckpointError, load_model, read_checkpoint_info
@@ -107,24 +107,13 @@ def test_missing_hf_shard_is_named(tmp_path):
     assert not (tmp_path / "tp").exists()
 
 
-@pytest.mark.parametrize("case", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
-def test_moe_folders_in_the_per_expert_layout_convert(case, tmp_path):
+@pytest.mark.parametrize("case", sorted(MOE_CASES))
+def test_moe_round_trip_from_the_per_expert_layout(case, tmp_path):
     """transformers 5 saves experts one by one (block_sparse_moe.experts.E.w1/w2/w3,
     mlp.experts.E.gate_proj/up_proj/down_proj), as published checkpoints are: those folders
-    convert and give transformers' logits. Export back is refused, not done wrong."""
-    from helpers import random_hf_model
-    from safetensors import safe_open
-
-    hf = random_hf_model(case)
-    save_hf_folder(hf, tmp_path / "hf")
-    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
-        assert any(".experts.0." in k for k in f.keys())  # the per-expert layout, not the fused one
-    convert_hf(tmp_path / "hf", tmp_path / "tp")
-    expected = hf(torch.tensor(TOKENS)).logits
-    ours = logits_of(load_model(tmp_path / "tp", dtype=torch.float32, progress=False), TOKENS)
-    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=1e-4)
-    with pytest.raises(ValueError, match="mixture-of-experts checkpoint is not supported yet"):
-        export_hf(tmp_path / "tp", tmp_path / "back")
+    convert, give transformers' logits, and export back to the same tensors, which transformers
+    loads to the same logits."""
+    test_round_trip_is_identical_and_logits_equal_hf(case, tmp_path)
 
 
 def test_export_refuses_q_and_k_norms_it_would_drop(tmp_path):
