@@ -132,6 +132,6 @@ def test_export_refuses_q_and_k_norms_it_would_drop(tmp_path):
     for i in range(config.transformer.num_layers):
         state[f"decoder.layers.{i}.self_attention.q_layernorm.weight"] = torch.ones(d)
         state[f"decoder.layers.{i}.self_attention.k_layernorm.weight"] = torch.ones(d)
-    path = save_checkpoint(tmp_path / "tp", config, state, dtype=torch.float32)
+    path = save_checkpoint(tmp_path / "tp", config, state, tokenizer_dir=None, dtype=torch.float32)
     with pytest.raises(ValueError, match="qk_layernorm='per_head' is not supported yet"):
         export_hf(path, tmp_path / "back")

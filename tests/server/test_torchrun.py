@@ -49,7 +49,8 @@ class TwoNodes:
                     "-m", "tpserve.server.cli", "serve", "--checkpoint", str(checkpoint), "--host", url_host,
                     "--pipeline-parallel-size", "2", "--port", str(self.port), "--served-model-name", "tiny",
                     "--max-model-len", str(MAX_MODEL_LEN), "--kv-cache-memory", KV_CACHE,
-                    "--distributed-timeout", str(DISTRIBUTED_TIMEOUT), "--log-level", "warning", *SERVE_PINS]
+                    "--distributed-timeout", str(DISTRIBUTED_TIMEOUT), "--shutdown-timeout", "10",
+                    "--log-level", "info", *SERVE_PINS]
             # Not from the repository root: `-m` puts the working folder first on sys.path, where
             # our `kernels/` folder would shadow the PyPI package transformers imports.
             self.procs.append(subprocess.Popen(
@@ -138,7 +139,11 @@ def test_sigterm_to_rank0_drains_then_stops_every_node(tiny_ckpt, tmp_path):
             events += list(lines)
         assert events[-1] == "data: [DONE]"
         assert json.loads(events[-2].removeprefix("data: "))["choices"][0]["finish_reason"] == "length", events[-2]
-        assert [proc.wait(timeout=30) for proc in nodes.procs] == [0, 0], nodes.log_text()
+        try:
+            codes = [proc.wait(timeout=60) for proc in nodes.procs]
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the nodes did not stop within 60 s of SIGTERM:\n{nodes.log_text()}") from None
+        assert codes == [0, 0], nodes.log_text()
     finally:
         nodes.stop()
 
