@@ -55,6 +55,24 @@ def alive(pid: int) -> bool:
         return False
 
 
+def wait_healthy(url: str, procs: list[subprocess.Popen], timeout: float, log_text, stop) -> None:
+    """Until `url`/health answers 200; RuntimeError with the logs if a process exits first, or
+    after `stop()` if the time runs out."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        exited = [p.returncode for p in procs if p.poll() is not None]
+        if exited:
+            raise RuntimeError(f"the server exited ({exited[0]}):\n{log_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop()
+    raise RuntimeError(f"the server did not come up in {timeout} s:\n{log_text()}")
+
+
 class ServerProcess:
     def __init__(self, checkpoint: Path | None, log_path: Path, *flags: str, wait: bool = True,
                  env: dict | None = None) -> None:
@@ -80,18 +98,7 @@ class ServerProcess:
         self.worker_pids = [pid for pid in children(self.proc.pid) if is_worker(pid)]
 
     def _wait_health(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({self.proc.returncode}):\n{self.log_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"the server did not come up in {timeout} s:\n{self.log_text()}")
+        wait_healthy(self.url, [self.proc], timeout, self.log_text, self.stop)
 
     def log_text(self) -> str:
         self.log.flush()
